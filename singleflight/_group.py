@@ -1,0 +1,428 @@
+"""Group: one flight per key, with an optional cache in front and an optional shared tier."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections.abc import Awaitable, Callable, Hashable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar, final
+
+from ._oncemap import (
+    ALONE,
+    ERROR,
+    REELECT,
+    SIGNAL,
+    VALUE,
+    OnceMap,
+    _ThreadWaiter,
+    _Waiter,
+    is_reentrant,
+    new_waiter,
+    reentrancy_error,
+    retrieve,
+    runs_flight,
+)
+
+__all__ = ("Codec", "Group", "Role", "Stats", "Tier", "Unshared")
+
+T = TypeVar("T")
+V = TypeVar("V")
+
+#: How a call was served.
+Role = Literal["leader", "follower", "cache", "shared", "remote", "stale"]
+
+_MISSING: Final = object()
+_CANCELLED = (asyncio.CancelledError,)
+
+
+class Codec(Protocol[V]):
+    """Turns values into bytes and back, for a shared tier (never pickle)."""
+
+    def encode(self, value: V, /) -> bytes: ...
+
+    def decode(self, data: bytes, /) -> V: ...
+
+
+class Tier(Protocol):
+    """A shared tier (e.g. ``singleflight.redis.RedisTier``) the local leader goes through."""
+
+    async def run(
+        self,
+        key: Hashable,
+        produce: Callable[[], Awaitable[Any]],
+        codec: Codec[Any] | None,
+        cacheable: Callable[[Any], bool] | None,
+    ) -> tuple[Any, str]: ...
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """A snapshot of a Group's counters.
+
+    ``calls == leaders + followers + cache_hits``: every call is counted once, by how it
+    ended up being served. ``errors`` counts flights whose work raised (cancellations and
+    re-elections excluded).
+    """
+
+    calls: int
+    leaders: int
+    followers: int
+    cache_hits: int
+    errors: int
+
+
+@final
+class Unshared(Generic[T]):
+    """Returned by a leader's work: give ``value`` to the leader only.
+
+    Every follower of that flight then runs its own work, alone. Used by the HTTP adapters for
+    responses that must not be shared (Set-Cookie, event streams, oversized bodies).
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """Cancellation of the current task, on asyncio or on trio (without importing trio)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return True
+    cls = type(exc)
+    return cls.__name__ == "Cancelled" and cls.__module__.startswith("trio")
+
+
+def _hash_error(key: object, exc: TypeError) -> TypeError:
+    return TypeError(
+        f"singleflight key {key!r} is not hashable ({exc}); "
+        "pass a hashable key, e.g. a tuple instead of a list, or give the decorator key=..."
+    )
+
+
+class Group(Generic[V]):
+    """Group runs work once per key at a time; every concurrent caller of a key shares it.
+
+    ``await do(key, fn, ...)`` (async work) and ``do_sync(key, fn, ...)`` (sync work, from any
+    thread) share one in-flight map: the first caller of a key leads and runs ``fn``; callers
+    that arrive while it runs follow and get the leader's value or exception. Works from any
+    number of event loops (asyncio or trio) and threads at once, and outlives them.
+
+    Args:
+        cache: optional mapping (e.g. ``cachetools.TTLCache``) of completed values; a hit skips
+            the flight. The Group guards it with its own lock.
+        cache_if: store a value in ``cache`` only if this returns True.
+        reelect_on: exception types that end only the leader's own attempt (e.g. its own
+            timeout): the leader gets its exception and a follower runs the work afresh.
+            Cancelling the leader always does this.
+        tier: a shared tier (``singleflight.redis.RedisTier``) the local leader goes through.
+        codec: how the tier stores values; None lets the tier choose.
+    """
+
+    def __init__(
+        self,
+        cache: MutableMapping[Any, V] | None = None,
+        *,
+        cache_if: Callable[[V], bool] | None = None,
+        reelect_on: tuple[type[BaseException], ...] = (),
+        tier: Tier | None = None,
+        codec: Codec[Any] | None = None,
+    ) -> None:
+        if cache is not None and not isinstance(cache, MutableMapping):
+            raise TypeError(
+                f"cache must be a MutableMapping such as cachetools.TTLCache, "
+                f"got {type(cache).__name__}; pass cache=None for no cache"
+            )
+        if not isinstance(reelect_on, tuple) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in reelect_on
+        ):
+            raise TypeError(f"reelect_on must be a tuple of exception types, got {reelect_on!r}")
+        self._map: OnceMap[Any, V] = OnceMap()
+        self._flights = self._map._flights  # the hot path reads the dict directly
+        self._cache = cache
+        self._cache_if = cache_if
+        self._cache_lock = threading.Lock()  # guards self._cache (cachetools is not thread-safe)
+        self._reelect = _CANCELLED + reelect_on
+        self._tier = tier
+        self._codec = codec
+        self._plain = cache is None and tier is None  # True: do() may take the fast path
+        # Counters: plain += under the GIL (no preemption inside one such statement).
+        self._leaders = 0
+        self._followers = 0
+        self._cache_hits = 0
+        self._errors = 0
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """The number of keys in flight now."""
+        return len(self._map)
+
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the counters (see ``Stats``)."""
+        leaders, followers, hits = self._leaders, self._followers, self._cache_hits
+        return Stats(leaders + followers + hits, leaders, followers, hits, self._errors)
+
+    @property
+    def cache(self) -> MutableMapping[Any, V] | None:
+        """The cache of completed values, or None."""
+        return self._cache
+
+    def forget(self, key: Hashable) -> None:
+        """Forget ``key``: later callers start a new flight; current waiters keep the old one."""
+        self._map.forget(key)
+
+    def cache_clear(self) -> None:
+        """Drop every cached value (flights in progress are not affected)."""
+        if self._cache is not None:
+            with self._cache_lock:
+                self._cache.clear()
+
+    def cache_pop(self, key: Hashable) -> None:
+        """Drop the cached value of ``key``, if any."""
+        if self._cache is not None:
+            with self._cache_lock:
+                self._cache.pop(key, None)
+
+    # -- async ----------------------------------------------------------------------------
+
+    @runs_flight
+    async def do(
+        self, key: Hashable, fn: Callable[..., Awaitable[V]], /, *args: Any, **kwargs: Any
+    ) -> V:
+        """Run ``await fn(*args, **kwargs)`` once per ``key`` in flight; return its value.
+
+        Every caller of a key whose flight is under way gets the same value, or the same
+        exception. Cancelling a caller affects it alone; if the leader is cancelled, a waiting
+        caller becomes the leader and runs its own ``fn``. A flight that awaits its own key
+        raises ``ReentrancyError``.
+        """
+        if self._plain:
+            # The fast path: an uncontended flight is one insert, the work, one delete.
+            # (A deliberate copy of the leader branch of _run, which handles everything else.)
+            flights = self._flights
+            flight: list[Any] = []
+            try:
+                head = flights.setdefault(key, flight)
+            except TypeError as exc:
+                raise _hash_error(key, exc) from None
+            if head is flight:
+                self._leaders += 1
+                try:
+                    value = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    self._land_failed(key, flight, exc)
+                    raise
+                if not flight:
+                    del flights[key]  # remove first, then look again (see _oncemap)
+                    if not flight:
+                        return value
+                    self._map._land_locked(key, flight, VALUE, value, removed=True)
+                else:
+                    self._map._land_locked(key, flight, VALUE, value, removed=False)
+                return value
+            return (await self._run(key, fn, args, kwargs, head))[0]
+        return (await self._run(key, fn, args, kwargs, None))[0]
+
+    async def do_with_role(
+        self, key: Hashable, fn: Callable[..., Awaitable[V]], /, *args: Any, **kwargs: Any
+    ) -> tuple[V, Role]:
+        """Like ``do``, and also say how the call was served (``"leader"``, ``"follower"``…)."""
+        return await self._run(key, fn, args, kwargs, None)
+
+    def _land_failed(self, key: Hashable, flight: list[Any], exc: BaseException) -> None:
+        if isinstance(exc, self._reelect) or _is_cancellation(exc):
+            self._map.land(key, flight, SIGNAL, REELECT)
+        else:
+            self._errors += 1
+            self._map.land(key, flight, ERROR, exc)
+
+    def _cached(self, key: Hashable) -> Any:
+        cache = self._cache
+        if cache is None:
+            return _MISSING
+        try:
+            with self._cache_lock:
+                return cache.get(key, _MISSING)
+        except TypeError as exc:
+            raise _hash_error(key, exc) from None
+
+    def _store(self, key: Hashable, value: Any) -> None:
+        cache = self._cache
+        if cache is not None and (self._cache_if is None or self._cache_if(value)):
+            with self._cache_lock:
+                cache[key] = value
+
+    @runs_flight
+    async def _run(
+        self,
+        key: Hashable,
+        fn: Callable[..., Awaitable[V]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        head: list[Any] | None,
+    ) -> tuple[V, Role]:
+        value: Any
+        if head is None:
+            value = self._cached(key)
+            if value is not _MISSING:
+                self._cache_hits += 1
+                return value, "cache"
+        flights = self._flights
+        while True:
+            flight: list[Any] = []
+            lead = False
+            if head is None:
+                try:
+                    head = flights.setdefault(key, flight)
+                except TypeError as exc:
+                    raise _hash_error(key, exc) from None
+                lead = head is flight
+            if not lead:
+                waiter = new_waiter()
+                joined, lead = self._map.join(key, head, waiter)
+                head = None
+                if joined is None:
+                    continue  # the flight landed before we could join: start over
+                flight = joined
+            if lead:
+                if self._cache is not None:
+                    value = self._cached(key)  # a flight may have landed since we looked
+                    if value is not _MISSING:
+                        self._cache_hits += 1
+                        self._map.land(key, flight, VALUE, value)
+                        return value, "cache"
+                self._leaders += 1
+                role: Role = "leader"
+                try:
+                    if self._tier is None:
+                        value = await fn(*args, **kwargs)
+                    else:
+                        produce = functools.partial(fn, *args, **kwargs)
+                        value, tier_role = await self._tier.run(
+                            key, produce, self._codec, self._cache_if
+                        )
+                        role = tier_role  # type: ignore[assignment]
+                except BaseException as exc:
+                    self._land_failed(key, flight, exc)
+                    raise
+                if type(value) is Unshared:
+                    self._map.land(key, flight, SIGNAL, ALONE)
+                    return value.value, role
+                self._store(key, value)
+                self._map.land(key, flight, VALUE, value)
+                return value, role
+            if is_reentrant(flight):
+                self._map.leave(flight, waiter)
+                raise reentrancy_error(key)
+            self._followers += 1
+            try:
+                if isinstance(waiter, _Waiter):  # trio
+                    await waiter.event.wait()  # type: ignore[attr-defined]
+                    value = waiter.outcome()
+                else:
+                    value = await waiter
+            except BaseException:
+                if not isinstance(waiter, _Waiter):
+                    retrieve(waiter)  # settled just as we were cancelled: nobody else reads it
+                raise
+            if value is REELECT:
+                self._followers -= 1  # counted again by how the next round serves it
+                continue
+            if value is ALONE:
+                self._followers -= 1
+                self._leaders += 1
+                value = await fn(*args, **kwargs)
+                if type(value) is Unshared:
+                    value = value.value
+                return value, "leader"
+            return value, "follower"
+
+    # -- threads ------------------------------------------------------------------------
+
+    def do_sync(self, key: Hashable, fn: Callable[..., V], /, *args: Any, **kwargs: Any) -> V:
+        """Run ``fn(*args, **kwargs)`` once per ``key`` in flight, from any thread.
+
+        The leader runs ``fn`` in its own thread; followers block until it lands and get its
+        value or exception (``BaseException`` included). Shares flights with ``do``.
+        """
+        return self._run_sync(key, fn, args, kwargs)[0]
+
+    def do_sync_with_role(
+        self, key: Hashable, fn: Callable[..., V], /, *args: Any, **kwargs: Any
+    ) -> tuple[V, Role]:
+        """Like ``do_sync``, and also say how the call was served."""
+        return self._run_sync(key, fn, args, kwargs)
+
+    @runs_flight
+    def _run_sync(
+        self,
+        key: Hashable,
+        fn: Callable[..., V],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> tuple[V, Role]:
+        value: Any = self._cached(key)
+        if value is not _MISSING:
+            self._cache_hits += 1
+            return value, "cache"
+        if self._tier is not None:
+            raise TypeError(
+                "a Group with a tier serves async work only (await group.do(...)); "
+                "use a Group without tier= for do_sync"
+            )
+        flights = self._flights
+        while True:
+            flight: list[Any] = []
+            try:
+                head = flights.setdefault(key, flight)
+            except TypeError as exc:
+                raise _hash_error(key, exc) from None
+            lead = head is flight
+            if not lead:
+                waiter = _ThreadWaiter()
+                joined, lead = self._map.join(key, head, waiter)
+                if joined is None:
+                    continue
+                flight = joined
+            if lead:
+                if self._cache is not None:
+                    value = self._cached(key)
+                    if value is not _MISSING:
+                        self._cache_hits += 1
+                        self._map.land(key, flight, VALUE, value)
+                        return value, "cache"
+                self._leaders += 1
+                try:
+                    value = fn(*args, **kwargs)
+                except BaseException as exc:
+                    self._land_failed(key, flight, exc)
+                    raise
+                if type(value) is Unshared:
+                    self._map.land(key, flight, SIGNAL, ALONE)
+                    return value.value, "leader"
+                self._store(key, value)
+                self._map.land(key, flight, VALUE, value)
+                return value, "leader"
+            if is_reentrant(flight):
+                self._map.leave(flight, waiter)
+                raise reentrancy_error(key)
+            self._followers += 1
+            waiter.lock.acquire()
+            value = waiter.outcome()
+            if value is REELECT:
+                self._followers -= 1
+                continue
+            if value is ALONE:
+                self._followers -= 1
+                self._leaders += 1
+                value = fn(*args, **kwargs)
+                if type(value) is Unshared:
+                    value = value.value
+                return value, "leader"
+            return value, "follower"

@@ -1,0 +1,397 @@
+"""The in-flight map: at most one flight per key, its waiters woken wherever they live.
+
+A *flight* is a plain ``list`` of waiters, registered in the map with one atomic
+``dict.setdefault``. An uncontended flight therefore costs one empty list, one insert and
+one delete, and nothing else: no lock, no future, no task (see docs/how-it-works.md).
+
+Invariants (they are what makes the lock-free fast path safe):
+
+* **Ownership.** Only the leader that owns a key's slot ever removes or replaces it. Nobody
+  else deletes or overwrites an entry; ``forget`` marks a flight instead of removing it
+  (golang/go#31420: a stale leader must never remove a newer flight's entry).
+* **Register, then re-check** (uv #3724, the lost wake-up). A follower appends its waiter
+  to the flight *first* and only then checks that the flight still owns the key. The leader
+  removes the key *first* and only then looks at its waiter list. Under the GIL these two
+  orders cannot both miss each other, so no waiter is ever left behind.
+* **Atomic landing** (Go CL 436495). Once the key has left the map nobody can join the old
+  flight; a caller arriving later starts a new one and never sees a finished result.
+
+Waiters are level-triggered objects created before they are published: an
+``asyncio.Future`` (woken directly on its own loop, through ``call_soon_threadsafe`` from
+anywhere else), a ``_ThreadWaiter`` (a lock acquired in advance and released by the leader)
+or a ``_TrioWaiter``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from asyncio.events import _get_running_loop
+from collections.abc import Callable, Hashable
+from types import FrameType
+from typing import Any, Final, Generic, TypeAlias, TypeVar, cast
+
+from ._errors import FlightAbandoned, ReentrancyError
+
+__all__ = ("OnceMap",)
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+# Outcome kinds a leader hands to its waiters.
+VALUE: Final = 0
+ERROR: Final = 1
+SIGNAL: Final = 2  # payload is REELECT or ALONE
+
+#: The leader gave up (cancelled, or failed on its own deadline): register again, maybe lead.
+REELECT: Final = object()
+#: The leader's result must not be shared: run your own work, outside any flight.
+ALONE: Final = object()
+#: Appended to a flight by ``forget`` so that its leader takes the locked landing path.
+FORGOTTEN: Final = object()
+
+_MISSING: Final = object()
+
+Flight: TypeAlias = "list[Any]"  # waiters, and FORGOTTEN once forgotten
+
+
+class _Waiter:
+    """A waiter that is not an asyncio future. ``settle`` may be called from any thread."""
+
+    __slots__ = ("kind", "payload")
+
+    def __init__(self) -> None:
+        self.kind = SIGNAL
+        self.payload: Any = None
+
+    def settle(self, kind: int, payload: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def outcome(self) -> Any:
+        """Return the delivered value or sentinel, or raise the delivered exception."""
+        if self.kind == ERROR:
+            exc, tb = self.payload
+            # Raise with the leader's traceback so it does not grow with every waiter.
+            raise exc.with_traceback(tb)
+        return self.payload
+
+
+class _ThreadWaiter(_Waiter):
+    """A thread blocked on a lock that it acquired before publishing itself."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.lock.acquire()
+
+    def settle(self, kind: int, payload: Any) -> None:
+        self.kind = kind
+        self.payload = (payload, payload.__traceback__) if kind == ERROR else payload
+        self.lock.release()  # written once, before the release: the waiter reads after acquire
+
+
+class _TrioWaiter(_Waiter):
+    """A trio task waiting on a ``trio.Event`` of its own run."""
+
+    __slots__ = ("event", "token")
+
+    def __init__(self) -> None:
+        import trio
+
+        super().__init__()
+        self.event = trio.Event()
+        self.token = trio.lowlevel.current_trio_token()
+
+    def settle(self, kind: int, payload: Any) -> None:
+        self.kind = kind
+        self.payload = (payload, payload.__traceback__) if kind == ERROR else payload
+        try:
+            self.token.run_sync_soon(self.event.set)
+        except Exception:  # the trio run has ended: nobody is waiting any more
+            pass
+
+
+def _settle_future(fut: asyncio.Future[Any], kind: int, payload: Any) -> None:
+    if fut.done():  # the waiter was cancelled: its own business
+        return
+    if kind == ERROR:
+        if isinstance(payload, StopIteration):  # futures refuse StopIteration
+            payload = RuntimeError(f"work raised {payload!r}")
+        fut.set_exception(payload)
+    else:
+        fut.set_result(payload)
+
+
+def wake(waiters: list[Any], kind: int, payload: Any) -> None:
+    """Deliver one outcome to every waiter, each in its own world (loop, thread, trio run)."""
+    here = _get_running_loop()
+    for w in waiters:
+        if w is FORGOTTEN:
+            continue
+        if isinstance(w, _Waiter):
+            w.settle(kind, payload)
+            continue
+        loop = w.get_loop()
+        if loop is here:
+            _settle_future(w, kind, payload)
+        else:
+            try:
+                loop.call_soon_threadsafe(_settle_future, w, kind, payload)
+            except RuntimeError:  # that loop is closed: its waiter is gone with it
+                pass
+
+
+def retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a settled future's exception as seen, so asyncio does not log it."""
+    if fut.done() and not fut.cancelled():
+        fut.exception()
+
+
+def new_waiter() -> Any:
+    """A waiter for the current async context: a future on asyncio, an event on trio."""
+    loop = _get_running_loop()
+    if loop is not None:
+        return loop.create_future()
+    return _TrioWaiter()
+
+
+_FLIGHT_CODES: set[Any] = set()
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def runs_flight(fn: _F) -> _F:
+    """Register a function whose local ``flight`` is the flight it is leading (re-entrancy)."""
+    _FLIGHT_CODES.add(fn.__code__)
+    return fn
+
+
+def is_reentrant(flight: Flight) -> bool:
+    """True if the current call stack is already leading ``flight`` (it would wait on itself).
+
+    Leaders pay nothing for this: only a follower walks its own stack, looking for a frame that
+    leads the very flight it is about to wait on. A child task spawned by the work is not on
+    this stack, so it is not caught (documented in how-it-works).
+    """
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code in _FLIGHT_CODES and frame.f_locals.get("flight") is flight:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def reentrancy_error(key: Hashable) -> ReentrancyError:
+    return ReentrancyError(
+        f"the work for key {key!r} waited on its own key, which would deadlock; "
+        "give the inner call a different key, or call the function directly"
+    )
+
+
+class OnceMap(Generic[K, V]):
+    """OnceMap is the in-flight map: one flight per key, and every waiter gets its outcome.
+
+    The protocol (uv's ``uv-once-map``): ``register(key)`` returns True to exactly one
+    caller, the leader, who must then call ``done``, ``fail`` or ``abandon``; everyone else
+    calls ``await wait(key)`` or ``wait_blocking(key)`` and gets the leader's value or
+    exception. Thread-safe; waiters may live on any event loop or thread. A key leaves the map
+    as its flight lands: nothing is memoised.
+    """
+
+    __slots__ = ("_flights", "_lock", "_next", "_registered")
+
+    def __init__(self) -> None:
+        self._flights: dict[Any, Flight] = {}  # key -> head flight; written by its owner only
+        self._lock = threading.Lock()  # guards joins, forget, _next and locked landings
+        # id(forgotten flight) -> the flight that new callers use instead (None: none yet).
+        self._next: dict[int, Flight | None] = {}  # guarded by self._lock
+        self._registered: dict[Any, Flight] = {}  # flights led through register(); by key
+
+    def __len__(self) -> int:
+        """The number of keys in flight now."""
+        return len(self._flights) + sum(1 for f in list(self._next.values()) if f)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._flights
+
+    # -- the protocol ------------------------------------------------------------------
+
+    def register(self, key: K) -> bool:
+        """Register ``key``; return True if the caller is now its leader.
+
+        The leader must end the flight with ``done``, ``fail`` or ``abandon``, or its
+        waiters wait forever (as in uv).
+        """
+        while True:
+            flight: Flight = []
+            head = self._flights.setdefault(key, flight)
+            if head is flight:
+                self._registered[key] = flight
+                return True
+            joined, lead = self.join(key, head, None)
+            if joined is not None:
+                if lead:
+                    self._registered[key] = joined
+                return lead
+
+    def done(self, key: K, value: V) -> None:
+        """Publish ``value`` to every waiter of ``key`` and end its flight."""
+        self.land(key, self._take(key), VALUE, value)
+
+    def fail(self, key: K, exc: BaseException) -> None:
+        """Publish ``exc`` to every waiter of ``key`` and end its flight."""
+        self.land(key, self._take(key), ERROR, exc)
+
+    def abandon(self, key: K) -> None:
+        """End the flight without a result; its waiters get ``FlightAbandoned``."""
+        self.land(key, self._take(key), SIGNAL, REELECT)
+
+    async def wait(self, key: K) -> V:
+        """Wait for the flight of ``key`` and return its value (or raise its exception).
+
+        Raises ``KeyError`` if ``key`` is not in flight, ``FlightAbandoned`` if its leader gave up.
+        """
+        head = self._flights.get(key)
+        waiter = new_waiter()
+        joined = None if head is None else self.join(key, head, waiter, follow_only=True)[0]
+        if joined is None:
+            raise KeyError(f"{key!r} is not in flight; call register(key) first")
+        if is_reentrant(joined):
+            self.leave(joined, waiter)
+            raise reentrancy_error(key)
+        if isinstance(waiter, _Waiter):
+            await waiter.event.wait()  # type: ignore[attr-defined]
+            result = waiter.outcome()
+        else:
+            try:
+                result = await waiter
+            except BaseException:
+                retrieve(waiter)
+                raise
+        if result is REELECT or result is ALONE:
+            raise FlightAbandoned(f"the leader of {key!r} gave up; call register(key) again")
+        return cast(V, result)
+
+    def wait_blocking(self, key: K, timeout: float | None = None) -> V:
+        """Block this thread until the flight of ``key`` lands; like ``wait``.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds (the flight goes on without you).
+        """
+        head = self._flights.get(key)
+        waiter = _ThreadWaiter()
+        joined = None if head is None else self.join(key, head, waiter, follow_only=True)[0]
+        if joined is None:
+            raise KeyError(f"{key!r} is not in flight; call register(key) first")
+        if is_reentrant(joined):
+            self.leave(joined, waiter)
+            raise reentrancy_error(key)
+        if not waiter.lock.acquire(timeout=-1 if timeout is None else timeout):
+            self.leave(joined, waiter)
+            raise TimeoutError(f"{key!r} did not land within {timeout} s")
+        result = waiter.outcome()
+        if result is REELECT or result is ALONE:
+            raise FlightAbandoned(f"the leader of {key!r} gave up; call register(key) again")
+        return cast(V, result)
+
+    def forget(self, key: K) -> None:
+        """Callers that come after this start a new flight; current waiters keep the old one."""
+        with self._lock:
+            head = self._flights.get(key)
+            if head is None:
+                return
+            current: Flight | None = head
+            while current is not None and id(current) in self._next:
+                current = self._next[id(current)]
+            if current is not None:  # None: forgotten already and no newer flight yet
+                current.append(FORGOTTEN)  # its leader now lands on the locked path
+                self._next[id(current)] = None
+
+    # -- the machinery the Group shares --------------------------------------------------
+
+    def _take(self, key: K) -> Flight:
+        try:
+            return self._registered.pop(key)
+        except KeyError:
+            raise KeyError(f"{key!r} was not registered by this map's register()") from None
+
+    def join(
+        self, key: Any, head: Flight, waiter: Any, *, follow_only: bool = False
+    ) -> tuple[Flight | None, bool]:
+        """Join the flight new callers of ``key`` should join, found from its ``head``.
+
+        Returns ``(flight, False)`` once ``waiter`` is in that flight, ``(flight, True)`` if the
+        caller must lead a new flight (the head was forgotten and has no successor yet), or
+        ``(None, False)`` if the head landed meanwhile: start over.
+        """
+        with self._lock:
+            flight: Flight = head
+            nxt = self._next
+            while id(flight) in nxt:
+                successor: Flight | None = nxt[id(flight)]
+                if successor is None:
+                    if follow_only:
+                        return None, False
+                    successor = []
+                    nxt[id(flight)] = successor
+                    return successor, True
+                flight = successor
+            if waiter is None:
+                return flight, False
+            flight.append(waiter)  # register first ...
+            if flight is head and self._flights.get(key) is not head:
+                # ... then re-check (uv #3724): the head landed before it could see us.
+                flight.remove(waiter)
+                return None, False
+            return flight, False
+
+    def leave(self, flight: Flight, waiter: Any) -> None:
+        """Take a waiter that will no longer wait out of its flight."""
+        with self._lock:
+            try:
+                flight.remove(waiter)
+            except ValueError:
+                pass
+
+    def land(self, key: Any, flight: Flight, kind: int, payload: Any) -> None:
+        """End ``flight`` (the caller leads it and has not removed it) and deliver its outcome."""
+        flights = self._flights
+        if not flight and flights.get(key) is flight:
+            # Fast landing: nobody joined and nothing was forgotten. Remove first, then
+            # look again (the re-check's other half): a follower may have joined meanwhile.
+            del flights[key]
+            if not flight:
+                return
+            self._land_locked(key, flight, kind, payload, removed=True)
+        else:
+            self._land_locked(key, flight, kind, payload, removed=False)
+
+    def _land_locked(
+        self, key: Any, flight: Flight, kind: int, payload: Any, *, removed: bool
+    ) -> None:
+        flights = self._flights
+        nxt = self._next
+        with self._lock:
+            successor = nxt.pop(id(flight), None)
+            if removed:
+                # Another caller may have taken the key between our removal and this lock;
+                # then our successor (if any) simply runs on as a flight of its own.
+                if successor is not None:
+                    flights.setdefault(key, successor)
+            elif flights.get(key) is flight:
+                if successor is not None:
+                    flights[key] = successor  # hand the slot over: never empty for a moment
+                else:
+                    del flights[key]
+            else:
+                # A successor flight that was never promoted: unlink it from its chain.
+                for parent_id, child in nxt.items():
+                    if child is flight:
+                        nxt[parent_id] = successor
+                        break
+            waiters = list(flight)
+            flight.clear()  # no reference to waiters (and their values) outlives the flight
+        wake(waiters, kind, payload)
