@@ -1,0 +1,299 @@
+"""aiohttp client middleware: one upstream request for concurrent identical GET/HEAD requests."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+import weakref
+from collections.abc import Callable, Collection, Hashable, Iterable, MutableMapping
+from typing import Any, Final, cast
+
+try:
+    from aiohttp import ClientRequest, ClientResponse, hdrs
+    from aiohttp.client_middlewares import ClientHandlerType
+    from aiohttp.helpers import TimerNoop
+    from aiohttp.http import HttpVersion
+    from aiohttp.streams import StreamReader
+    from multidict import CIMultiDict, CIMultiDictProxy
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "singleflight.aiohttp needs aiohttp >= 3.12 (client middlewares): "
+        "pip install singleflight-http[aiohttp]"
+    ) from exc
+
+from singleflight._group import Group, Stats, Unshared
+from singleflight._http import (
+    DEFAULT_IGNORE_HEADERS,
+    DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_METHODS,
+    HTTPOptions,
+    Snapshot,
+    bypass_reason,
+    unshareable_reason,
+)
+
+__all__ = ("SingleflightMiddleware", "served")
+
+# How each response this middleware returned was served. Weak keys: the entry dies with the
+# response, and nothing is added to aiohttp's objects or to the response headers.
+_served: weakref.WeakKeyDictionary[ClientResponse, str] = weakref.WeakKeyDictionary()
+
+
+def served(response: ClientResponse) -> str | None:
+    """served says how ``response`` was served: ``"leader"``, ``"follower"`` or ``"cache"``.
+
+    A Redis tier adds ``"shared"``, ``"remote"`` and ``"stale"``. None means the middleware let
+    the request pass straight through (a method not coalesced, a request body, an upgrade...) or
+    never saw the response.
+    """
+    return _served.get(response)
+
+
+class SingleflightMiddleware:
+    """SingleflightMiddleware sends one upstream request for concurrent identical requests.
+
+    Use it as ``aiohttp.ClientSession(middlewares=(SingleflightMiddleware(),))``. The first
+    caller of a request leads and makes it; identical requests that arrive while it is in flight
+    wait for it, and each caller gets its own ``ClientResponse`` (status, headers, body, ``url``,
+    its own ``request_info``; ``read()``, ``text()``, ``json()``, ``raise_for_status()`` and
+    ``async with`` work as usual). ``served(response)`` tells how a response was served.
+
+    Keys, bypass rules and what may be shared or cached are ``singleflight._http``'s, the same as
+    the httpx transport's (see docs/aiohttp.md): GET/HEAD only, credentials and every other
+    header except tracing ones separate callers, requests with a body pass through, a response
+    with ``Set-Cookie``, an event stream or a body above ``max_body_size`` goes to its leader
+    only (its followers make their own requests). The session's ``auto_decompress`` is part of
+    the key, so decoded and raw bodies never mix. aiohttp calls a middleware once per redirect
+    hop and per retry: each hop coalesces on its own.
+
+    If the leader's own timeout or cancellation ends its request, a waiting caller takes over and
+    makes the request itself; every caller keeps its own timeout. Other errors, and every status
+    (5xx included), reach all the callers of that flight, and are never cached.
+
+    Args:
+        methods: methods to coalesce; others pass straight through.
+        ttl: keep cacheable responses this many seconds after they complete (None: no cache).
+        maxsize: how many responses the TTL cache holds.
+        cache: a MutableMapping to use as the cache instead of ``ttl``/``maxsize``.
+        key: ``key(request) -> hashable`` replaces the default key (None: pass through).
+        ignore_headers: request headers left out of the key (default: tracing headers).
+        max_body_size: larger bodies are streamed to their leader, never buffered to share.
+        group: a ``singleflight.Group`` to share flights with other adapters or sessions.
+        tier: a shared tier (``singleflight.redis.RedisTier``) for one flight across processes.
+    """
+
+    __slots__ = ("_group", "_options")
+
+    def __init__(
+        self,
+        *,
+        methods: Iterable[str] = DEFAULT_METHODS,
+        ttl: float | None = None,
+        maxsize: int = 1024,
+        cache: MutableMapping[Any, Any] | None = None,
+        key: Callable[[ClientRequest], Hashable | None] | None = None,
+        ignore_headers: Collection[str] = DEFAULT_IGNORE_HEADERS,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        group: Group[Any] | None = None,
+        tier: Any = None,
+    ) -> None:
+        self._options = HTTPOptions.build(
+            methods=methods,
+            ttl=ttl,
+            maxsize=maxsize,
+            cache=cache,
+            key=key,
+            ignore_headers=ignore_headers,
+            max_body_size=max_body_size,
+        )
+        # asyncio.TimeoutError covers the leader's sock_read/sock_connect timeouts
+        # (ServerTimeoutError); its total timeout arrives as a cancellation, which always
+        # re-elects.
+        self._group = self._options.make_group(
+            group=group, tier=tier, reelect_on=(asyncio.TimeoutError,)
+        )
+
+    @property
+    def group(self) -> Group[Any]:
+        """The Group that holds this middleware's flights and cache."""
+        return self._group
+
+    @property
+    def stats(self) -> Stats:
+        """A snapshot of the Group's counters (calls, leaders, followers, cache hits, errors)."""
+        return self._group.stats
+
+    def __repr__(self) -> str:
+        return f"SingleflightMiddleware(group={self._group!r})"
+
+    async def __call__(self, req: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
+        """Serve ``req``: lead its flight, follow one, hit the cache, or pass straight through."""
+        key = self._key(req)
+        if key is None:
+            return await handler(req)
+        own: ClientResponse | None = None  # the response of our own upstream call, if we made one
+
+        async def fetch() -> Snapshot | Unshared[ClientResponse]:
+            nonlocal own
+            own = resp = await handler(req)
+            return await self._share(req, resp)
+
+        value, role = await self._group.do_with_role(key, fetch)
+        # The caller that made the upstream request keeps aiohttp's own response (traces,
+        # connection bookkeeping and all); everyone else gets a copy built from the Snapshot.
+        resp = own if own is not None else _respond(req, value)
+        _served[resp] = role
+        return resp
+
+    def _key(self, req: ClientRequest) -> Hashable | None:
+        options = self._options
+        method = req.method
+        headers: Any = req.headers.items()
+        if bypass_reason(method, headers, methods=options.methods, has_body=_has_body(req)):
+            return None
+        # aiohttp decodes Content-Encoding in its parser when the session says so: a decoded
+        # body must never reach a session that expects raw bytes, nor the reverse.
+        extra = ("decoded",) if req.session.auto_decompress else ("raw",)
+        try:
+            return options.key_for(req, method, str(req.url), headers, extra)
+        except UnicodeEncodeError:
+            # aiohttp sends non-latin-1 header values as UTF-8; hash them the same way.
+            raw = [(n, v.encode("utf-8", "surrogateescape")) for n, v in req.headers.items()]
+            return options.key_for(req, method, str(req.url), raw, extra)
+
+    async def _share(
+        self, req: ClientRequest, resp: ClientResponse
+    ) -> Snapshot | Unshared[ClientResponse]:
+        """Buffer the leader's response into a Snapshot, or keep it for the leader alone."""
+        if unshareable_reason(resp.raw_headers, max_body_size=self._options.max_body_size):
+            return Unshared(resp)  # Set-Cookie, event stream, too large: untouched, unread
+        decoded = req.session.auto_decompress and hdrs.CONTENT_ENCODING in resp.headers
+        if (resp.content_length is not None and not decoded) or req.method == hdrs.METH_HEAD:
+            body = await resp.read()  # bounded: unshareable_reason checked Content-Length
+        else:
+            body_or_none = await _read_at_most(resp, self._options.max_body_size)
+            if body_or_none is None:
+                return Unshared(resp)  # grew past max_body_size: the rest streams to the leader
+            body = body_or_none
+        version = resp.version
+        return Snapshot.build(
+            resp.status,
+            resp.reason or "",
+            f"HTTP/{version.major}.{version.minor}" if version else "HTTP/1.1",
+            resp.raw_headers,
+            body,
+            request_headers=cast(Any, req.headers.items()),
+        )
+
+
+def _has_body(req: ClientRequest) -> bool:
+    body = req.body  # b"" when there is none, else an aiohttp Payload
+    if isinstance(body, bytes):
+        return bool(body)
+    return getattr(body, "size", None) != 0  # size None: a stream of unknown length
+
+
+async def _read_at_most(resp: ClientResponse, limit: int) -> bytes | None:
+    """Read the body of ``resp`` if it is at most ``limit`` bytes, else return None.
+
+    On None every byte read so far is back in ``resp.content``, so the leader still reads the
+    whole body from its own response. Used when the size is not known from the headers (chunked,
+    or decoded from gzip/deflate). Any error closes ``resp``: no connection is left held.
+    """
+    content = resp.content
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while chunk := await content.readany():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                break
+        # Hand the bytes back to the reader; read() then takes them from memory and releases the
+        # connection as usual (it is already back in the pool once the payload ended).
+        # unread_data() is deprecated (aiohttp #3260) but is the only way to put bytes back at
+        # the head of a StreamReader; the matrix run covers it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            content.unread_data(b"".join(chunks))
+        if size > limit:
+            return None
+        return await resp.read()
+    except BaseException:
+        resp.close()
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# The one place that knows ClientResponse's private attributes.
+
+
+class _FedOnce:
+    """Stands in for a connection's protocol under a StreamReader fed once: nothing to pause.
+
+    The signatures take ``*args, **kwargs`` because aiohttp 3.14 calls
+    ``resume_reading(resume_parser=False)`` from ``feed_eof()``.
+    """
+
+    _reading_paused: Final = False
+
+    def pause_reading(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def resume_reading(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+_NO_FLOW_CONTROL: Final = _FedOnce()
+
+
+def _respond(req: ClientRequest, snap: Snapshot) -> ClientResponse:
+    """Build the caller's own complete ``ClientResponse`` for ``snap``, bound to ``req``.
+
+    ``ClientResponse(...)`` is never called: its constructor is internal and changed in 3.14 (a
+    required ``stream_writer``), which broke mocks that called it (aioresponses #289). Instead the
+    instance is created without ``__init__`` and given exactly the state that ``__init__`` and
+    ``start()`` leave on a response whose body has been read and whose connection is released.
+    These private attributes are the same in aiohttp 3.12, 3.13 and 3.14, and
+    ``scripts/aiohttp_matrix.sh`` runs the tests against each of them, so a change is caught in CI.
+    """
+    cls = req.response_class
+    resp = cls.__new__(cls)
+    loop = asyncio.get_running_loop()
+    session = req.session
+    # What __init__ sets; request_info, url and session are the caller's own.
+    resp.method = req.method
+    resp._real_url = url = req.original_url
+    resp._url = url.with_fragment(None) if url.raw_fragment else url
+    resp._request_info = req.request_info
+    resp._timer = TimerNoop()
+    resp._cache = {}  # reify's cache (url, headers, history...): one per response
+    resp._traces = []
+    resp._loop = loop
+    resp._session = session
+    resp._resolve_charset = session._resolve_charset
+    # What start() and reading the body set.
+    major, _, minor = snap.http_version.removeprefix("HTTP/").partition(".")
+    resp.version = HttpVersion(int(major or 1), int(minor or 0))
+    resp.status = snap.status
+    resp.reason = snap.reason
+    resp._raw_headers = snap.headers
+    resp._headers = CIMultiDictProxy(
+        CIMultiDict(
+            # aiohttp's parser decodes header bytes the same way.
+            (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+            for n, v in snap.headers
+        )
+    )
+    cookies = resp._headers.getall(hdrs.SET_COOKIE, ())
+    resp._raw_cookie_headers = tuple(cookies) if cookies else None
+    # A fresh reader per response: release() sets an exception on it.
+    content = StreamReader(cast(Any, _NO_FLOW_CONTROL), 2**16, loop=loop)
+    content.feed_data(snap.body)
+    content.feed_eof()
+    resp.content = content
+    resp._body = snap.body
+    resp._connection = None
+    resp._closed = True  # body complete, no connection: nothing for __del__ to warn about
+    resp._released = False  # read() may still be called until the caller releases it
+    return resp
