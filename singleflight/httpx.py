@@ -1,0 +1,430 @@
+"""httpx transports that make one upstream request for identical requests in flight."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, MutableMapping
+from types import TracebackType
+from typing import Any, Final, TypeAlias, TypeVar
+
+try:
+    import anyio
+    import httpx
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "singleflight.httpx needs httpx: pip install singleflight-http[httpx]"
+    ) from exc
+
+from singleflight._errors import ReentrancyError
+from singleflight._group import Group, Stats, Unshared
+from singleflight._http import (
+    DEFAULT_IGNORE_HEADERS,
+    DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_METHODS,
+    HTTPOptions,
+    Snapshot,
+    bypass_reason,
+    unshareable_reason,
+)
+
+__all__ = ("DEFAULT_IGNORE_HEADERS", "AsyncSingleflightTransport", "SingleflightTransport")
+
+_E = TypeVar("_E", bound=BaseException)
+_BODY: Final = ("raw",)  # httpx shares bodies as received: content-encoding untouched
+# A leader's value: a Snapshot to share, or its own live response (Unshared: never buffered).
+_Value: TypeAlias = "Snapshot | Unshared[httpx.Response]"
+
+
+class _Policy:
+    """What both transports share: options, the Group, the key and the response builders."""
+
+    __slots__ = ("group", "options")
+
+    def __init__(
+        self,
+        methods: Iterable[str],
+        ttl: float | None,
+        maxsize: int,
+        cache: MutableMapping[Any, Any] | None,
+        key: Callable[[httpx.Request], Hashable | None] | None,
+        ignore_headers: Iterable[str],
+        max_body_size: int,
+        group: Group[Any] | None,
+        tier: Any,
+    ) -> None:
+        self.options = HTTPOptions.build(
+            methods=methods,
+            ttl=ttl,
+            maxsize=maxsize,
+            cache=cache,
+            key=key,
+            ignore_headers=ignore_headers,
+            max_body_size=max_body_size,
+        )
+        # The leader's own timeout ends only its own attempt: a follower re-runs the request.
+        self.group = self.options.make_group(
+            group=group, tier=tier, reelect_on=(httpx.TimeoutException,)
+        )
+
+    def key(self, request: httpx.Request) -> Hashable | None:
+        """The Group key of ``request``, or None when it must go straight through."""
+        if request.extensions.get("singleflight", True) is False:
+            return None
+        raw = request.headers.raw
+        if bypass_reason(request.method, raw, methods=self.options.methods) is not None:
+            return None
+        return self.options.key_for(request, request.method, str(request.url), raw, _BODY)
+
+    def unshared(self, response: httpx.Response) -> bool:
+        """True if ``response`` goes to its leader only (Set-Cookie, event stream, too big)."""
+        reason = unshareable_reason(response.headers.raw, max_body_size=self.options.max_body_size)
+        return reason is not None
+
+    def snapshot(self, request: httpx.Request, response: httpx.Response, body: bytes) -> Snapshot:
+        return Snapshot.build(
+            response.status_code,
+            response.reason_phrase,
+            response.http_version,
+            response.headers.raw,
+            body,
+            request_headers=request.headers.raw,
+        )
+
+    def deliver(self, request: httpx.Request, value: Any, role: str) -> httpx.Response:
+        """Each caller's own Response: a fresh one built from a Snapshot, or its own live one."""
+        if isinstance(value, httpx.Response):
+            value.extensions["singleflight"] = role
+            return value
+        snap: Snapshot = value
+        return httpx.Response(
+            snap.status,
+            headers=list(snap.headers),
+            stream=httpx.ByteStream(snap.body),  # the bytes are shared, never copied
+            extensions={
+                "http_version": snap.http_version.encode("ascii"),
+                "reason_phrase": snap.reason.encode("ascii", "replace"),
+                "singleflight": role,
+            },
+            request=request,
+        )
+
+    def oversized(self, response: httpx.Response, stream: Any) -> Unshared[httpx.Response]:
+        """The leader's response whose body outgrew ``max_body_size``: stream the rest."""
+        return Unshared(
+            httpx.Response(
+                response.status_code,
+                headers=response.headers.raw,
+                stream=stream,
+                extensions={**response.extensions, "singleflight": "leader"},
+            )
+        )
+
+
+def _fresh(exc: _E, request: httpx.Request) -> _E:
+    """A new exception of the same type bound to the follower's own request.
+
+    The leader's exception object is shared by every waiter of its flight; raising it in many
+    tasks grows one traceback and hands out the leader's request (research note, pitfall 22).
+    """
+    if isinstance(exc, httpx.RequestError):
+        try:
+            new = type(exc)(str(exc), request=request)
+        except Exception:
+            return exc
+        return new
+    return exc
+
+
+def _read_timeout(request: httpx.Request) -> float | None:
+    timeout = request.extensions.get("timeout")
+    if isinstance(timeout, dict):
+        read = timeout.get("read")
+        return float(read) if isinstance(read, (int, float)) else None
+    return None
+
+
+class _AsyncRest(httpx.AsyncByteStream):
+    """The chunks read so far, then the rest of the upstream body, which it closes."""
+
+    def __init__(
+        self, head: list[bytes], rest: AsyncIterator[bytes], upstream: httpx.Response
+    ) -> None:
+        self._head, self._rest, self._upstream = head, rest, upstream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        head, self._head = self._head, []
+        for chunk in head:
+            yield chunk
+        async for chunk in self._rest:
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._upstream.aclose()
+
+
+class _SyncRest(httpx.SyncByteStream):
+    """The chunks read so far, then the rest of the upstream body, which it closes."""
+
+    def __init__(self, head: list[bytes], rest: Iterator[bytes], upstream: httpx.Response) -> None:
+        self._head, self._rest, self._upstream = head, rest, upstream
+
+    def __iter__(self) -> Iterator[bytes]:
+        head, self._head = self._head, []
+        yield from head
+        yield from self._rest
+
+    def close(self) -> None:
+        self._upstream.close()
+
+
+class AsyncSingleflightTransport(httpx.AsyncBaseTransport):
+    """AsyncSingleflightTransport sends one upstream request for identical requests in flight.
+
+    Wraps ``inner`` (default: a new ``httpx.AsyncHTTPTransport()``). Concurrent GET/HEAD requests
+    with the same key (method, normalised URL, every header but tracing ones) share the first
+    one's response; each caller gets its own ``httpx.Response`` with the raw body as received, and
+    ``response.extensions["singleflight"]`` says ``"leader"``, ``"follower"`` or ``"cache"``.
+    With ``ttl=`` completed cacheable responses are served from memory until they expire.
+
+    Responses with ``Set-Cookie``, event streams and bodies above ``max_body_size`` go to their
+    leader only (streamed); its followers make their own requests. The leader's own timeout or
+    cancellation never fails its followers: one of them makes the request afresh. A follower
+    gives up after its own read timeout with ``httpx.ReadTimeout``. Works on asyncio and trio.
+    Pass ``group=other_transport.group`` to share flights (and the cache) between transports.
+    """
+
+    def __init__(
+        self,
+        inner: httpx.AsyncBaseTransport | None = None,
+        *,
+        methods: Iterable[str] = DEFAULT_METHODS,
+        ttl: float | None = None,
+        maxsize: int = 1024,
+        cache: MutableMapping[Any, Any] | None = None,
+        key: Callable[[httpx.Request], Hashable | None] | None = None,
+        ignore_headers: Iterable[str] = DEFAULT_IGNORE_HEADERS,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        group: Group[Any] | None = None,
+        tier: Any = None,
+    ) -> None:
+        if inner is not None and not isinstance(inner, httpx.AsyncBaseTransport):
+            raise TypeError(
+                f"inner must be an httpx.AsyncBaseTransport, got {type(inner).__name__}; "
+                "pass e.g. httpx.AsyncHTTPTransport() (use SingleflightTransport for a sync one)"
+            )
+        self._policy = _Policy(
+            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier
+        )
+        self._inner = inner if inner is not None else httpx.AsyncHTTPTransport()
+
+    @property
+    def inner(self) -> httpx.AsyncBaseTransport:
+        """The wrapped transport."""
+        return self._inner
+
+    @property
+    def group(self) -> Group[Any]:
+        """The Group of this transport's flights; pass it as ``group=`` to share them."""
+        return self._policy.group
+
+    @property
+    def stats(self) -> Stats:
+        """The Group's counters (calls, leaders, followers, cache_hits, errors)."""
+        return self._policy.group.stats
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` once per key in flight; return this caller's own Response."""
+        policy = self._policy
+        key = policy.key(request)
+        if key is None:
+            return await self._inner.handle_async_request(request)
+        ran = False
+        budget = _read_timeout(request)
+        scope: anyio.CancelScope | None = None
+
+        async def fetch() -> _Value:
+            nonlocal ran
+            ran = True
+            if scope is not None:
+                scope.deadline = math.inf  # leading now: httpcore enforces our own timeouts
+            return await self._fetch(request)
+
+        try:
+            if budget is None:
+                value, role = await policy.group.do_with_role(key, fetch)
+            else:
+                with anyio.CancelScope(deadline=anyio.current_time() + budget) as scope:
+                    value, role = await policy.group.do_with_role(key, fetch)
+                if scope.cancelled_caught:
+                    raise httpx.ReadTimeout(
+                        f"waited {budget}s (this request's read timeout) for an identical "
+                        "request in flight",
+                        request=request,
+                    )
+        except ReentrancyError:
+            # The request was sent from inside its own flight (a hook or an auth flow):
+            # waiting would deadlock, so it goes on its own.
+            return await self._inner.handle_async_request(request)
+        except Exception as exc:
+            if ran:
+                raise
+            fresh = _fresh(exc, request)
+            if fresh is exc:
+                raise
+            raise fresh from exc
+        return policy.deliver(request, value, role)
+
+    async def _fetch(self, request: httpx.Request) -> _Value:
+        """The leader's work: send, then buffer the raw body into a Snapshot (or don't)."""
+        policy = self._policy
+        response = await self._inner.handle_async_request(request)
+        kept = False  # True once the live response is handed on, still open
+        try:
+            if policy.unshared(response):
+                kept = True
+                return Unshared(response)
+            limit = policy.options.max_body_size
+            chunks: list[bytes] = []
+            size = 0
+            # Iterate .stream itself: aiter_raw() refuses pre-read (MockTransport) responses,
+            # and aread() decodes, which would make every caller's client decode twice.
+            rest = response.stream.__aiter__()  # type: ignore[union-attr]
+            async for chunk in rest:
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    kept = True
+                    return policy.oversized(response, _AsyncRest(chunks, rest, response))
+            return policy.snapshot(request, response, b"".join(chunks))
+        finally:
+            if not kept:
+                await response.aclose()
+
+    async def aclose(self) -> None:
+        """Close the inner transport."""
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> AsyncSingleflightTransport:
+        await self._inner.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        await self._inner.__aexit__(exc_type, exc_value, traceback)
+
+
+class SingleflightTransport(httpx.BaseTransport):
+    """SingleflightTransport is the thread-safe sync twin of ``AsyncSingleflightTransport``.
+
+    Wraps ``inner`` (default: a new ``httpx.HTTPTransport()``); identical requests from many
+    threads share one upstream request; same options and rules. A follower thread waits for its
+    leader, whose own timeouts bound the wait (and re-elect a follower when they fire).
+    """
+
+    def __init__(
+        self,
+        inner: httpx.BaseTransport | None = None,
+        *,
+        methods: Iterable[str] = DEFAULT_METHODS,
+        ttl: float | None = None,
+        maxsize: int = 1024,
+        cache: MutableMapping[Any, Any] | None = None,
+        key: Callable[[httpx.Request], Hashable | None] | None = None,
+        ignore_headers: Iterable[str] = DEFAULT_IGNORE_HEADERS,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        group: Group[Any] | None = None,
+    ) -> None:
+        if inner is not None and not isinstance(inner, httpx.BaseTransport):
+            raise TypeError(
+                f"inner must be an httpx.BaseTransport, got {type(inner).__name__}; pass e.g. "
+                "httpx.HTTPTransport() (use AsyncSingleflightTransport for an async one)"
+            )
+        self._policy = _Policy(
+            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, None
+        )
+        self._inner = inner if inner is not None else httpx.HTTPTransport()
+
+    @property
+    def inner(self) -> httpx.BaseTransport:
+        """The wrapped transport."""
+        return self._inner
+
+    @property
+    def group(self) -> Group[Any]:
+        """The Group of this transport's flights; pass it as ``group=`` to share them."""
+        return self._policy.group
+
+    @property
+    def stats(self) -> Stats:
+        """The Group's counters (calls, leaders, followers, cache_hits, errors)."""
+        return self._policy.group.stats
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` once per key in flight; return this caller's own Response."""
+        policy = self._policy
+        key = policy.key(request)
+        if key is None:
+            return self._inner.handle_request(request)
+        ran = False
+
+        def fetch() -> _Value:
+            nonlocal ran
+            ran = True
+            return self._fetch(request)
+
+        try:
+            value, role = policy.group.do_sync_with_role(key, fetch)
+        except ReentrancyError:
+            return self._inner.handle_request(request)
+        except Exception as exc:
+            if ran:
+                raise
+            fresh = _fresh(exc, request)
+            if fresh is exc:
+                raise
+            raise fresh from exc
+        return policy.deliver(request, value, role)
+
+    def _fetch(self, request: httpx.Request) -> _Value:
+        """The leader's work: send, then buffer the raw body into a Snapshot (or don't)."""
+        policy = self._policy
+        response = self._inner.handle_request(request)
+        kept = False
+        try:
+            if policy.unshared(response):
+                kept = True
+                return Unshared(response)
+            limit = policy.options.max_body_size
+            chunks: list[bytes] = []
+            size = 0
+            rest = iter(response.stream)  # type: ignore[arg-type]
+            for chunk in rest:
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    kept = True
+                    return policy.oversized(response, _SyncRest(chunks, rest, response))
+            return policy.snapshot(request, response, b"".join(chunks))
+        finally:
+            if not kept:
+                response.close()
+
+    def close(self) -> None:
+        """Close the inner transport."""
+        self._inner.close()
+
+    def __enter__(self) -> SingleflightTransport:
+        self._inner.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_value: BaseException | None = None,
+        traceback: TracebackType | None = None,
+    ) -> None:
+        self._inner.__exit__(exc_type, exc_value, traceback)
