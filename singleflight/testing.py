@@ -69,7 +69,8 @@ class LoopbackUpstream:
     ``cache_control=``   add ``Cache-Control``; ``vary=`` adds ``Vary``
     ``header=Name:v``    add any response header (repeatable)
     ``redirect=/path``   302 (or ``status=``) to that location
-    ``sse=N``            ``text/event-stream`` of N events, ``interval=`` seconds apart
+    ``sse=N``            ``text/event-stream`` of N events, ``interval=`` seconds apart;
+                         ``hold=NAME`` waits for that gate after the first event
     ``reset=N``          promise a larger body, send N bytes, then drop the connection
     ===================  ==================================================================
 
@@ -242,7 +243,10 @@ class LoopbackUpstream:
             headers["Location"] = q["redirect"]
             status = int(q.get("status", "302"))
         if "sse" in q:
-            return await self._sse(request, int(q["sse"]), float(q.get("interval", "0")), extra)
+            hold = self._gate(q["hold"]) if "hold" in q else None
+            return await self._sse(
+                request, int(q["sse"]), float(q.get("interval", "0")), hold, extra
+            )
         body, content_type = self._body(request, q, hit)
         if status == 206:
             headers["Content-Range"] = f"bytes 0-{max(len(body) - 1, 0)}/{len(body) * 2}"
@@ -296,13 +300,19 @@ class LoopbackUpstream:
 
     @staticmethod
     async def _sse(
-        request: web.Request, count: int, interval: float, extra: list[tuple[str, str]]
+        request: web.Request,
+        count: int,
+        interval: float,
+        hold: asyncio.Event | None,
+        extra: list[tuple[str, str]],
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         for name, value in extra:
             resp.headers.add(name, value)
         await resp.prepare(request)
         for i in range(count):
+            if i == 1 and hold is not None:
+                await hold.wait()
             if i and interval:
                 await asyncio.sleep(interval)
             await resp.write(f"data: {i}\n\n".encode())
