@@ -1,0 +1,3 @@
+"""Internals of the Redis tier (``singleflight.redis``): scripts, value format, pub/sub, tier."""
+
+__all__ = ()
