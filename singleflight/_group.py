@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+from asyncio.events import _get_running_loop
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar, final
@@ -14,6 +15,7 @@ from ._oncemap import (
     ERROR,
     REELECT,
     SIGNAL,
+    SYNC_LEADERS,
     VALUE,
     OnceMap,
     _ThreadWaiter,
@@ -226,6 +228,31 @@ class Group(Generic[V]):
                 else:
                     self._map._land_locked(key, flight, VALUE, value, removed=False)
                 return value
+            loop = _get_running_loop()
+            if loop is not None and not self._map._next:
+                # The follower's fast path (nothing forgotten anywhere): no lock, and no
+                # coroutine of its own. Register first, then re-check (uv #3724).
+                fut = loop.create_future()
+                head.append(fut)
+                if flights.get(key) is head:
+                    if is_reentrant(head):
+                        fut.cancel()
+                        raise reentrancy_error(key)
+                    self._followers += 1
+                    try:
+                        value = await fut
+                    except BaseException:
+                        retrieve(fut)
+                        raise
+                    if value is not REELECT and value is not ALONE:
+                        return value
+                    self._followers -= 1
+                    if value is ALONE:
+                        self._leaders += 1
+                        return await fn(*args, **kwargs)
+                else:
+                    fut.cancel()  # the flight landed before it could see us
+                head = None  # type: ignore[assignment]  # start over on the full path
             return (await self._run(key, fn, args, kwargs, head))[0]
         return (await self._run(key, fn, args, kwargs, None))[0]
 
@@ -398,18 +425,21 @@ class Group(Generic[V]):
                         self._map.land(key, flight, VALUE, value)
                         return value, "cache"
                 self._leaders += 1
+                SYNC_LEADERS[0] += 1
                 try:
                     value = fn(*args, **kwargs)
                 except BaseException as exc:
                     self._land_failed(key, flight, exc)
                     raise
+                finally:
+                    SYNC_LEADERS[0] -= 1
                 if type(value) is Unshared:
                     self._map.land(key, flight, SIGNAL, ALONE)
                     return value.value, "leader"
                 self._store(key, value)
                 self._map.land(key, flight, VALUE, value)
                 return value, "leader"
-            if is_reentrant(flight):
+            if is_reentrant(flight, whole_stack=True):
                 self._map.leave(flight, waiter)
                 raise reentrancy_error(key)
             self._followers += 1

@@ -25,6 +25,7 @@ or a ``_TrioWaiter``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 import threading
 from asyncio.events import _get_running_loop
@@ -125,23 +126,39 @@ def _settle_future(fut: asyncio.Future[Any], kind: int, payload: Any) -> None:
         fut.set_result(payload)
 
 
+_Future = asyncio.Future
+
+
 def wake(waiters: list[Any], kind: int, payload: Any) -> None:
     """Deliver one outcome to every waiter, each in its own world (loop, thread, trio run)."""
     here = _get_running_loop()
+    if kind == ERROR:
+        for w in waiters:
+            _wake_one(w, kind, payload, here)
+        return
     for w in waiters:
-        if w is FORGOTTEN:
-            continue
-        if isinstance(w, _Waiter):
-            w.settle(kind, payload)
-            continue
-        loop = w.get_loop()
-        if loop is here:
-            _settle_future(w, kind, payload)
+        # The common case inline: a future of the leader's own loop.
+        if type(w) is _Future and w._loop is here:
+            if not w.done():
+                w.set_result(payload)
         else:
-            try:
-                loop.call_soon_threadsafe(_settle_future, w, kind, payload)
-            except RuntimeError:  # that loop is closed: its waiter is gone with it
-                pass
+            _wake_one(w, kind, payload, here)
+
+
+def _wake_one(w: Any, kind: int, payload: Any, here: asyncio.AbstractEventLoop | None) -> None:
+    if w is FORGOTTEN:
+        return
+    if isinstance(w, _Waiter):
+        w.settle(kind, payload)
+        return
+    loop = w.get_loop()
+    if loop is here:
+        _settle_future(w, kind, payload)
+        return
+    try:
+        loop.call_soon_threadsafe(_settle_future, w, kind, payload)
+    except RuntimeError:  # that loop is closed: its waiter is gone with it
+        pass
 
 
 def retrieve(fut: asyncio.Future[Any]) -> None:
@@ -170,17 +187,30 @@ def runs_flight(fn: _F) -> _F:
     return fn
 
 
-def is_reentrant(flight: Flight) -> bool:
+#: How many ``do_sync`` leaders run now, in any thread (guarded by the GIL: one-statement
+#: updates). While it is 0, an async follower only needs to walk its own coroutine frames.
+SYNC_LEADERS = [0]
+_CO_ASYNC = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def is_reentrant(flight: Flight, *, whole_stack: bool = False) -> bool:
     """True if the current call stack is already leading ``flight`` (it would wait on itself).
 
     Leaders pay nothing for this: only a follower walks its own stack, looking for a frame that
-    leads the very flight it is about to wait on. A child task spawned by the work is not on
-    this stack, so it is not caught (documented in how-it-works).
+    leads the very flight it is about to wait on. An async follower stops at the first frame
+    that is not a coroutine (the edge of its task) unless a sync leader is running somewhere.
+    A child task spawned by the work is not on this stack, so it is not caught (documented
+    in how-it-works).
     """
     frame: FrameType | None = sys._getframe(2)
+    whole_stack = whole_stack or SYNC_LEADERS[0] > 0
+    codes = _FLIGHT_CODES
     while frame is not None:
-        if frame.f_code in _FLIGHT_CODES and frame.f_locals.get("flight") is flight:
+        code = frame.f_code
+        if code in codes and frame.f_locals.get("flight") is flight:
             return True
+        if not whole_stack and not code.co_flags & _CO_ASYNC:
+            return False
         frame = frame.f_back
     return False
 
@@ -286,7 +316,7 @@ class OnceMap(Generic[K, V]):
         joined = None if head is None else self.join(key, head, waiter, follow_only=True)[0]
         if joined is None:
             raise KeyError(f"{key!r} is not in flight; call register(key) first")
-        if is_reentrant(joined):
+        if is_reentrant(joined, whole_stack=True):
             self.leave(joined, waiter)
             raise reentrancy_error(key)
         if not waiter.lock.acquire(timeout=-1 if timeout is None else timeout):
