@@ -105,10 +105,13 @@ def _canon(obj: object, out: bytearray) -> None:
             _canon(item, part)
             parts.append(bytes(part))
         out += b"{%d:" % len(parts) + b"".join(sorted(parts)) + b"}"
+    elif isinstance(obj, type):  # e.g. the kwargs marker in cachetools.keys.hashkey
+        raw = f"{obj.__module__}.{obj.__qualname__}".encode()
+        out += b"t%d:" % len(raw) + raw
     else:
         raise TypeError(
-            f"RedisTier keys must be built from str, bytes, int, float, bool, None, tuples and "
-            f"frozensets (so every process derives the same Redis key); got "
+            "RedisTier keys must be built from str, bytes, int, float, bool, None, classes, "
+            "tuples and frozensets (so every process derives the same Redis key); got "
             f"{type(obj).__qualname__} in the key. Use key=... to build such a key"
         )
 
