@@ -74,6 +74,11 @@ class LoopbackUpstream:
     ``reset=N``          promise a larger body, send N bytes, then drop the connection
     ===================  ==================================================================
 
+    Paths under ``/_upstream/`` control it from another process and count no hit:
+    ``GET /_upstream/hits`` (``{"total": n, "paths": {path: n}}``), ``POST /_upstream/reset``,
+    ``POST /_upstream/gate/NAME`` (opens the gate). ``python -m singleflight.testing`` serves
+    one in the foreground and prints its URL.
+
     The default body is JSON: ``{"method", "path", "query", "hit", "who"}`` where ``hit`` is
     the path's hit number and ``who`` echoes the caller's ``Authorization``, ``Cookie``,
     ``X-API-Key`` and ``X-User`` headers, so a test can tell whose response a caller got.
@@ -108,6 +113,9 @@ class LoopbackUpstream:
 
     async def _start(self) -> None:
         app = web.Application()
+        app.router.add_get("/_upstream/hits", self._control_hits)
+        app.router.add_post("/_upstream/reset", self._control_reset)
+        app.router.add_post("/_upstream/gate/{name}", self._control_gate)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
@@ -212,6 +220,22 @@ class LoopbackUpstream:
         if gate is None:
             gate = self._gates[name] = asyncio.Event()
         return gate
+
+    async def _control_hits(self, request: web.Request) -> web.Response:
+        with self._cond:
+            paths = dict(self._hits)
+        return web.json_response({"total": sum(paths.values()), "paths": paths})
+
+    async def _control_reset(self, request: web.Request) -> web.Response:
+        with self._cond:
+            self._hits.clear()
+            self._requests.clear()
+        self._gates.clear()
+        return web.json_response({"reset": True})
+
+    async def _control_gate(self, request: web.Request) -> web.Response:
+        self._gate(request.match_info["name"]).set()
+        return web.json_response({"open": request.match_info["name"]})
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         q = request.query
@@ -338,3 +362,24 @@ class LoopbackUpstream:
         if transport is not None:
             transport.abort()  # the peer sees the connection drop mid-body
         return resp
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve a LoopbackUpstream in the foreground until interrupted; print its URL first."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m singleflight.testing", description=main.__doc__
+    )
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free)")
+    args = parser.parse_args(argv)
+    with LoopbackUpstream(port=args.port) as upstream:
+        print(upstream.url, flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
