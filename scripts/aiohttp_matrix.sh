@@ -25,7 +25,7 @@ while [[ $# -gt 0 && $1 != "--" ]]; do versions+=("$1"); shift; done
 [[ ${#versions[@]} -eq 0 ]] && versions=("3.12.*" "3.13.*" "3.14.*")
 
 # Test dependencies of tests/aiohttp (the package brings cachetools; testing.py uses anyio).
-TEST_DEPS=(hatchling "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3" "anyio>=4")
+TEST_DEPS=(hatchling editables "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3" "anyio>=4")
 
 pip_install() {
     # pip's -q still prints one warning per package for an unreachable extra index; drop those.
