@@ -5,15 +5,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import Any, final
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-__all__ = ("Listener", "Subscriptions")
+__all__ = ("Listener", "Subscriptions", "deadline")
 
 log = logging.getLogger("singleflight.redis")
+
+
+@contextlib.asynccontextmanager
+async def deadline(seconds: float | None) -> AsyncIterator[None]:
+    """deadline bounds one Redis command (TimeoutError after ``seconds``; None: unbounded).
+
+    On Python 3.10 (no ``asyncio.timeout``) it does nothing: the client's ``socket_timeout``
+    bounds commands there.
+    """
+    if seconds is None or sys.version_info < (3, 11):
+        yield
+    else:
+        async with asyncio.timeout(seconds):
+            yield
 
 
 @final
@@ -65,9 +81,12 @@ class Subscriptions:
     polling; after a reconnect every listener is woken to re-check at once.
     """
 
-    def __init__(self, client: aioredis.Redis, ack_timeout: float) -> None:
+    def __init__(
+        self, client: aioredis.Redis, ack_timeout: float, send_timeout: float | None
+    ) -> None:
         self._client = client
         self._ack_timeout = ack_timeout
+        self._send_timeout = send_timeout
         self._pubsub: Any = None  # redis.asyncio.client.PubSub, created on first use
         self._lock = asyncio.Lock()  # serialises SUBSCRIBE/UNSUBSCRIBE sends
         # All below: touched on the event loop's thread only.
@@ -114,7 +133,8 @@ class Subscriptions:
             self._pubsub = self._client.pubsub()
         self._acks.setdefault(channel, deque()).append(ready)
         try:
-            await self._pubsub.subscribe(channel)
+            async with deadline(self._send_timeout):
+                await self._pubsub.subscribe(channel)
         except BaseException:
             self._acks[channel].remove(ready)
             raise
@@ -126,7 +146,11 @@ class Subscriptions:
 
     def release(self, listener: Listener) -> None:
         """release drops a listener; the last one of a channel unsubscribes (soon, in order)."""
-        if self._drop(listener) and (self._flusher is None or self._flusher.done()):
+        if self._drop(listener):
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
     def _drop(self, listener: Listener) -> bool:
@@ -147,8 +171,12 @@ class Subscriptions:
                 return
             self._subscribed.difference_update(idle)
             try:
-                await self._pubsub.unsubscribe(*idle)
-            except RedisError as exc:  # the server drops subscriptions of a dead connection
+                async with deadline(self._send_timeout):
+                    await self._pubsub.unsubscribe(*idle)
+            except (
+                RedisError,
+                OSError,
+            ) as exc:  # the server drops subscriptions of a dead connection
                 log.debug("singleflight: UNSUBSCRIBE failed: %r", exc)
 
     async def _read(self) -> None:
@@ -187,10 +215,15 @@ class Subscriptions:
                     _settle(acks.popleft())
                     if not acks:
                         del self._acks[channel]
-                else:
+                elif channel in self._listeners:
                     # An ack nobody waits for: redis-py re-subscribed after a reconnect.
-                    for listener in tuple(self._listeners.get(channel, ())):
+                    for listener in self._listeners[channel]:
                         listener.notify()
+                else:
+                    # Re-subscribed after a reconnect to a channel nobody listens to any more
+                    # (its UNSUBSCRIBE was lost with the connection): drop it again.
+                    self._subscribed.add(channel)
+                    self._schedule_flush()
 
     def _wake_all(self) -> None:
         for listeners in self._listeners.values():

@@ -16,7 +16,6 @@ import logging
 import math
 import random
 import secrets
-import sys
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from redis.exceptions import RedisError
 from .._group import Codec, Unshared
 from . import _scripts
 from ._format import DEFAULT_CODEC, BadRecord, Keys, decode_record, encode_record, key_digest
-from ._pubsub import Subscriptions
+from ._pubsub import Subscriptions, deadline
 
 __all__ = ("RedisTier", "RedisTierStats")
 
@@ -207,7 +206,7 @@ class RedisTier:
         self._check = client.register_script(_scripts.CHECK)
         self._extend = client.register_script(_scripts.EXTEND)
         self._finish = client.register_script(_scripts.FINISH)
-        self._subs = Subscriptions(client, ack_timeout=self._poll_max)
+        self._subs = Subscriptions(client, ack_timeout=self._poll_max, send_timeout=self._timeout)
         # Below: touched only on the event loop's thread.
         self._orphans: dict[str, _Orphan] = {}  # lease name -> lease of a cancelled leader
         self._tasks: set[asyncio.Task[Any]] = set()  # renewals and SWR refreshes
@@ -355,7 +354,7 @@ class RedisTier:
             raise
         except BaseException:
             renewal.cancel()
-            await self._settle(lease, "result", encode_record("err"), self._result_ms)
+            await self._settle(lease, "result", encode_record("err"), self._result_ms, quiet=True)
             raise
         renewal.cancel()
         if type(value) is Unshared:
@@ -365,7 +364,9 @@ class RedisTier:
             payload = codec.encode(value)
         except BaseException:
             # Not storable: let the followers make their own calls, and tell our caller why.
-            await self._settle(lease, "result", encode_record("unshared"), self._result_ms)
+            await self._settle(
+                lease, "result", encode_record("unshared"), self._result_ms, quiet=True
+            )
             raise
         record = encode_record("ok", payload)
         if self._value_ms is not None and (cacheable is None or cacheable(value)):
@@ -399,8 +400,14 @@ class RedisTier:
                 self._lease_ttl,
             )
 
-    async def _settle(self, lease: _Lease, mode: str, record: bytes, px: int) -> None:
-        """Store the outcome, drop the lease if still ours and PUBLISH, in one FINISH call."""
+    async def _settle(
+        self, lease: _Lease, mode: str, record: bytes, px: int, *, quiet: bool = False
+    ) -> None:
+        """Store the outcome, drop the lease if still ours and PUBLISH, in one FINISH call.
+
+        ``quiet``: never raise, even with ``fail_open=False`` (error and cleanup paths, where
+        the caller's own exception, or none, must win).
+        """
         keys = lease.keys
         try:
             mine = await self._op(
@@ -411,7 +418,11 @@ class RedisTier:
             )
         except _RedisDown as down:
             # Followers find the lease gone once it expires and take over (or fall back).
-            self._went_down(down)
+            if quiet:
+                self._redis_errors += 1
+                log.debug("singleflight: FINISH failed: %r", down.__cause__)
+            else:
+                self._went_down(down)
             return
         if not mine:
             self._lost(lease)
@@ -430,7 +441,9 @@ class RedisTier:
         if orphan is not None and orphan.lease is lease:
             del self._orphans[lease.keys.lease]
             self._spawn(
-                self._settle(lease, "result", encode_record("abandon"), self._result_ms),
+                self._settle(
+                    lease, "result", encode_record("abandon"), self._result_ms, quiet=True
+                ),
                 self._cleanups,
             )
 
@@ -520,12 +533,8 @@ class RedisTier:
 
     async def _op(self, call: Awaitable[T]) -> T:
         try:
-            if self._timeout is None:
+            async with deadline(self._timeout):
                 return await call
-            if sys.version_info >= (3, 11):
-                async with asyncio.timeout(self._timeout):
-                    return await call
-            return await asyncio.wait_for(call, self._timeout)  # pragma: no cover
         except _REDIS_ERRORS as exc:
             raise _RedisDown(exc) from exc
 
@@ -572,7 +581,9 @@ class RedisTier:
         for orphan in list(self._orphans.values()):
             orphan.handle.cancel()
             self._orphans.pop(orphan.lease.keys.lease, None)
-            await self._settle(orphan.lease, "result", encode_record("abandon"), self._result_ms)
+            await self._settle(
+                orphan.lease, "result", encode_record("abandon"), self._result_ms, quiet=True
+            )
         await asyncio.gather(*list(self._cleanups), return_exceptions=True)
         await self._subs.aclose()
 
