@@ -1,0 +1,224 @@
+"""Benchmark: plain aiohttp.ClientSession vs one with SingleflightMiddleware.
+
+Runs a LoopbackUpstream (127.0.0.1, 50 ms handler) in a child process, so the server does not
+share the client's GIL, and measures in one run (the same scenarios as bench_httpx.py):
+
+(a) 1,000 concurrent identical GETs: upstream hits and wall time, plain vs wrapped, and the
+    wrapped burst's ratio to one lone GET (target <= 1.5);
+(b) 2,000 concurrent GETs over distinct URLs (nothing to coalesce): wrapped / plain wall time
+    (target <= 1.05: the overhead of keys, flights and snapshots).
+
+Both sessions use a 100-connection pool (aiohttp's default). Every caller reads its body. Each
+measurement is repeated (plain and wrapped interleaved) and the median is reported.
+
+A third row, "floor", is aiohttp's own cost for the burst: 1,000 GETs on a session whose
+middleware makes no request at all, holds every caller until ``delay`` has passed and then
+hands each a ready response. No coalescing layer in aiohttp can beat it, so the wrapped burst is
+also shown against it.
+
+    python benchmarks/bench_aiohttp.py [--repeat 5] [--delay 0.05]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from itertools import count
+
+import aiohttp
+
+from singleflight._http import Snapshot
+from singleflight.aiohttp import SingleflightMiddleware, _respond
+
+_serial = count()
+
+
+def fresh(prefix: str) -> str:
+    """A path never used before in this run: no run sees another's cache or flight."""
+    return f"/{prefix}{next(_serial)}"
+
+
+async def upstream_hits(control: aiohttp.ClientSession, url: str) -> int:
+    async with control.get(url + "/_upstream/hits") as resp:
+        return int((await resp.json())["total"])
+
+
+async def timed(fn: Callable[[], Awaitable[object]]) -> float:
+    start = time.perf_counter()
+    await fn()
+    return time.perf_counter() - start
+
+
+async def get(session: aiohttp.ClientSession, url: str) -> bytes:
+    async with session.get(url) as resp:
+        return await resp.read()
+
+
+class Floor:
+    """A middleware that answers without any network once ``delay`` has passed."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.ready: asyncio.Future[None] | None = None
+        self.body = b'{"hit": 1}'
+        self.snap = Snapshot.build(
+            200,
+            "OK",
+            "HTTP/1.1",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(self.body)))],
+            self.body,
+        )
+
+    def arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.ready = ready = loop.create_future()
+        loop.call_later(self.delay, ready.set_result, None)
+
+    async def __call__(
+        self, req: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        assert self.ready is not None
+        await self.ready
+        return _respond(req, self.snap)
+
+
+async def run(repeat: int, delay: float, burst: int, distinct: int) -> list[tuple[str, ...]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "singleflight.testing"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        return await measure(url, repeat, delay, burst, distinct)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+async def measure(
+    url: str, repeat: int, delay: float, burst: int, distinct: int
+) -> list[tuple[str, ...]]:
+    q = f"?delay={delay}"
+    timeout = aiohttp.ClientTimeout(total=60)
+    sessions = {
+        "plain": aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100), timeout=timeout),
+        "wrapped": aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=100),
+            timeout=timeout,
+            middlewares=(SingleflightMiddleware(),),
+        ),
+    }
+    floor = Floor(delay)
+    floor_session = aiohttp.ClientSession(timeout=timeout, middlewares=(floor,))
+    times: dict[tuple[str, str], list[float]] = {}
+    hits: dict[tuple[str, str], list[int]] = {}
+    async with aiohttp.ClientSession() as control:
+        for s in sessions.values():  # warm up: open pool connections, import paths
+            await asyncio.gather(*[get(s, url + fresh("warm") + q) for _ in range(100)])
+
+        async def record(case: str, name: str, fn: Callable[[], Awaitable[object]]) -> None:
+            before = await upstream_hits(control, url)
+            times.setdefault((case, name), []).append(await timed(fn))
+            hits.setdefault((case, name), []).append(await upstream_hits(control, url) - before)
+
+        for _ in range(repeat):
+            for name, s in sessions.items():
+                await record("lone", name, lambda s=s: get(s, url + fresh("lone") + q))
+
+                async def same(s: aiohttp.ClientSession = s) -> None:
+                    target = url + fresh("same") + q
+                    await asyncio.gather(*[get(s, target) for _ in range(burst)])
+
+                await record("same", name, same)
+
+                async def spread(s: aiohttp.ClientSession = s) -> None:
+                    await asyncio.gather(*[get(s, url + fresh("d") + q) for _ in range(distinct)])
+
+                await record("distinct", name, spread)
+
+            async def held() -> None:
+                floor.arm()
+                target = url + fresh("floor") + q
+                await asyncio.gather(*[get(floor_session, target) for _ in range(burst)])
+
+            await record("same", "floor", held)
+    for s in (*sessions.values(), floor_session):
+        await s.close()
+
+    def med(case: str, name: str) -> float:
+        return statistics.median(times[(case, name)])
+
+    rows = [("scenario", "session", "upstream hits", "median wall (ms)", "ratio")]
+    lone = med("lone", "wrapped")
+    for name in sessions:
+        rows.append(
+            ("1 lone GET", name, str(hits[("lone", name)][0]), f"{med('lone', name) * 1e3:.1f}", "")
+        )
+    for name in sessions:
+        ratio = med("same", name) / lone
+        rows.append(
+            (
+                f"{burst} identical GETs",
+                name,
+                str(max(hits[("same", name)])),
+                f"{med('same', name) * 1e3:.1f}",
+                f"{ratio:.2f}x lone GET" + (" (target <= 1.5)" if name == "wrapped" else ""),
+            )
+        )
+    rows.append(
+        (
+            f"{burst} GETs, floor",
+            "no network",
+            str(max(hits[("same", "floor")])),
+            f"{med('same', 'floor') * 1e3:.1f}",
+            f"{med('same', 'floor') / lone:.2f}x lone GET; wrapped burst = "
+            f"{med('same', 'wrapped') / med('same', 'floor'):.2f}x floor",
+        )
+    )
+    plain, wrapped = med("distinct", "plain"), med("distinct", "wrapped")
+    for name in sessions:
+        rows.append(
+            (
+                f"{distinct} distinct GETs",
+                name,
+                str(max(hits[("distinct", name)])),
+                f"{med('distinct', name) * 1e3:.1f}",
+                f"{wrapped / plain:.3f}x plain (target <= 1.05)" if name == "wrapped" else "",
+            )
+        )
+    return rows
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeat", type=int, default=5, help="runs per case (median)")
+    parser.add_argument("--delay", type=float, default=0.05, help="upstream handler seconds")
+    parser.add_argument("--burst", type=int, default=1000, help="identical concurrent GETs")
+    parser.add_argument("--distinct", type=int, default=2000, help="distinct concurrent GETs")
+    args = parser.parse_args()
+    rows = asyncio.run(run(args.repeat, args.delay, args.burst, args.distinct))
+    print(
+        f"aiohttp {aiohttp.__version__}, Python {sys.version.split()[0]}, upstream handler "
+        f"{args.delay * 1e3:.0f} ms, median of {args.repeat}"
+    )
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
