@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -9,6 +10,7 @@ import re
 import struct
 from collections.abc import Callable, Collection, Hashable, Iterable, MutableMapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -30,6 +32,7 @@ __all__ = (
     "SnapshotCodec",
     "bypass_reason",
     "is_cacheable",
+    "key_from_parts",
     "normalise_url",
     "request_key",
     "unshareable_reason",
@@ -86,6 +89,12 @@ CREDENTIAL_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "
 CACHEABLE_STATUSES: Final = frozenset({200, 203, 204, 300, 301, 404, 405, 410, 414, 501})
 """Statuses the TTL layer may store (RFC 9110 §15.1 "heuristically cacheable", minus 206)."""
 
+_first: Final = itemgetter(0)
+# The only header names each rule reads (the loops skip every other header cheaply).
+_BYPASS_HEADERS: Final = frozenset({"upgrade", "accept", "transfer-encoding", "content-length"})
+_SHARE_HEADERS: Final = frozenset({"set-cookie", "content-type", "content-length"})
+_STORE_HEADERS: Final = frozenset({"set-cookie", "cache-control", "vary"})
+_REFUSE: Final = frozenset({"no-store", "private", "no-cache"})  # Cache-Control: never store
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token (method names)
 _DEFAULT_PORTS: Final = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
 
@@ -98,6 +107,22 @@ def _bytes(value: str | bytes) -> bytes:
     return value.encode("latin-1") if isinstance(value, str) else value
 
 
+# Header names come from a small vocabulary and are looked at on every request, so their
+# lower-cased forms are memoised (bounded: hostile names cannot grow the memo forever). Races
+# are benign: every thread computes the same answer.
+_LOWER: dict[str | bytes, str] = {}
+_MEMO_LIMIT: Final = 4096
+
+
+def _lower(name: str | bytes) -> str:
+    low = _LOWER.get(name)
+    if low is None:
+        low = _text(name).lower()
+        if len(_LOWER) < _MEMO_LIMIT:
+            _LOWER[name] = low
+    return low
+
+
 # --------------------------------------------------------------------------------------------
 # Request side: key and bypass
 
@@ -107,7 +132,7 @@ class HeaderFilter:
     """HeaderFilter says which header names stay out of the key (case-insensitive).
 
     Entries are exact names or prefixes ending in ``*`` (``"x-b3-*"``). Answers are memoised per
-    name: headers come from a small vocabulary, and the key is computed on every request.
+    raw name: headers come from a small vocabulary, and the key is computed on every request.
     """
 
     __slots__ = ("_exact", "_memo", "_prefixes", "names")
@@ -116,19 +141,22 @@ class HeaderFilter:
         self.names: frozenset[str] = frozenset(n.lower() for n in names)
         self._exact = frozenset(n for n in self.names if not n.endswith("*"))
         self._prefixes = tuple(n[:-1] for n in self.names if n.endswith("*"))
-        self._memo: dict[str, bool] = {}  # benign race: every thread computes the same answer
+        # raw name -> lower-cased name as bytes, or b"" if ignored; benign races (see _LOWER)
+        self._memo: dict[str | bytes, bytes] = {}
+
+    def kept_name(self, name: str | bytes) -> bytes:
+        """kept_name returns the lower-cased name as bytes, or ``b""`` if it is ignored."""
+        kept = self._memo.get(name)
+        if kept is None:
+            lower = _lower(name)
+            ignored = lower in self._exact or lower.startswith(self._prefixes)
+            kept = b"" if ignored else lower.encode("latin-1")
+            if len(self._memo) < _MEMO_LIMIT:
+                self._memo[name] = kept
+        return kept
 
     def __contains__(self, name: object) -> bool:
-        if not isinstance(name, str):
-            return False
-        try:
-            return self._memo[name]
-        except KeyError:
-            lower = name.lower()
-            hit = lower in self._exact or lower.startswith(self._prefixes)
-            if len(self._memo) < 4096:  # bounded: hostile header names cannot grow it forever
-                self._memo[name] = hit
-            return hit
+        return isinstance(name, (str, bytes)) and not self.kept_name(name)
 
     def __repr__(self) -> str:
         return f"HeaderFilter({sorted(self.names)!r})"
@@ -150,8 +178,9 @@ class RequestKey(NamedTuple):
     extra: tuple[Hashable, ...] = ()
 
 
+@functools.lru_cache(maxsize=4096)
 def _split_url(url: str) -> tuple[str, str]:
-    """_split_url returns (normalised URL, userinfo) of ``url``."""
+    """_split_url returns (normalised URL, userinfo) of ``url`` (memoised: URLs repeat)."""
     scheme, netloc, path, query, _ = urlsplit(url)
     scheme = scheme.lower()
     userinfo, _, netloc = netloc.rpartition("@")
@@ -187,22 +216,38 @@ def request_key(
     order in which a client happened to set them does not matter. Userinfo in the URL
     (``user:pass@``) is hashed with them and dropped from the URL.
     """
+    normal, userinfo = _split_url(url)
+    return key_from_parts(method, normal, userinfo, headers, ignore=ignore, extra=extra)
+
+
+def key_from_parts(
+    method: str,
+    normal_url: str,
+    userinfo: str,
+    headers: HeaderPairs,
+    *,
+    ignore: HeaderFilter | Collection[str] = DEFAULT_IGNORE_HEADERS,
+    extra: tuple[Hashable, ...] = (),
+) -> RequestKey:
+    """key_from_parts is ``request_key`` for an adapter whose URL type is already normalised.
+
+    ``normal_url`` must be what ``normalise_url`` returns (httpx: ``scheme://netloc`` +
+    ``raw_path``, since ``httpx.URL`` lower-cases and drops default ports itself) and
+    ``userinfo`` the URL's ``user:password`` part, or ``""``. Saves re-parsing the URL string.
+    """
     if not isinstance(ignore, HeaderFilter):
         ignore = HeaderFilter(ignore)
-    kept: list[bytes] = []
+    kept_name = ignore.kept_name
+    kept: list[tuple[bytes, bytes]] = []
     for name, value in headers:
-        text = name.decode("latin-1") if isinstance(name, bytes) else name
-        if text in ignore:
-            continue
-        if isinstance(value, str):
-            value = value.encode("latin-1")
-        kept.append(text.lower().encode("latin-1") + b":" + value)
+        low = kept_name(name)
+        if low:
+            kept.append((low, value if type(value) is bytes else _bytes(value)))
     # Sort on the name only: values of a repeated header keep their order (stable sort).
-    kept.sort(key=lambda line: line[: line.index(b":")])
-    normal, userinfo = _split_url(url)
+    kept.sort(key=_first)
     digest = hashlib.blake2b(userinfo.encode("utf-8", "surrogateescape"), digest_size=16)
-    digest.update(b"\n".join(kept))
-    return RequestKey(method.upper(), normal, digest.hexdigest(), extra)
+    digest.update(b"\n".join([n + b":" + v for n, v in kept]))
+    return RequestKey(method.upper(), normal_url, digest.hexdigest(), extra)
 
 
 def _directives(value: str) -> set[str]:
@@ -227,7 +272,9 @@ def bypass_reason(
     if method.upper() not in methods:
         return "method"
     for raw_name, raw_value in headers:
-        name = _text(raw_name).lower()
+        name = _lower(raw_name)
+        if name not in _BYPASS_HEADERS:
+            continue
         if name == "upgrade":
             return "upgrade"
         if name == "accept" and "text/event-stream" in _text(raw_value).lower():
@@ -257,7 +304,9 @@ def unshareable_reason(
     is read is the adapter's to catch (then it streams the rest to the leader).
     """
     for raw_name, raw_value in headers:
-        name = _text(raw_name).lower()
+        name = _lower(raw_name)
+        if name not in _SHARE_HEADERS:
+            continue
         if name == "set-cookie":
             return "set-cookie"
         if name == "content-type" and _text(raw_value).lower().lstrip().startswith(
@@ -282,18 +331,19 @@ def is_cacheable(status: int, response_headers: HeaderPairs, request_headers: He
     """
     if status not in CACHEABLE_STATUSES:
         return False
-    refuse = {"no-store", "private", "no-cache"}
     for raw_name, raw_value in response_headers:
-        name = _text(raw_name).lower()
+        name = _lower(raw_name)
+        if name not in _STORE_HEADERS:
+            continue
         if name == "set-cookie":
             return False
-        if name == "cache-control" and _directives(_text(raw_value)) & refuse:
+        if name == "cache-control" and _directives(_text(raw_value)) & _REFUSE:
             return False
         if name == "vary" and "*" in {v.strip() for v in _text(raw_value).split(",")}:
             return False
     for raw_name, raw_value in request_headers:
-        name = _text(raw_name).lower()
-        if name in ("cache-control", "pragma") and _directives(_text(raw_value)) & refuse:
+        name = _lower(raw_name)
+        if name in ("cache-control", "pragma") and _directives(_text(raw_value)) & _REFUSE:
             return False
     return True
 
@@ -333,7 +383,10 @@ class Snapshot:
         request_headers: HeaderPairs = (),
     ) -> Snapshot:
         """build makes a Snapshot, judging ``cacheable`` from the response and its request."""
-        pairs = tuple((_bytes(n), _bytes(v)) for n, v in headers)
+        pairs = tuple(
+            (n, v) if type(n) is bytes and type(v) is bytes else (_bytes(n), _bytes(v))
+            for n, v in headers
+        )
         cacheable = is_cacheable(status, pairs, request_headers)
         return cls(status, reason, http_version, pairs, body, cacheable)
 
@@ -596,19 +649,27 @@ class HTTPOptions:
         url: str,
         headers: HeaderPairs,
         extra: tuple[Hashable, ...] = (),
+        *,
+        userinfo: str | None = None,
     ) -> Hashable | None:
         """key_for returns the Group key of a request, or None when it must bypass.
 
         With ``key=`` set, ``key(request)`` replaces the default policy (None means bypass), and
         the method and ``extra`` are still added, so a HEAD never shares with a GET and raw bodies
-        never mix with decoded ones. Otherwise it is ``request_key(...)`` with ``ignore_headers``.
+        never mix with decoded ones. Otherwise it is ``request_key(...)`` with ``ignore_headers``;
+        pass ``userinfo`` (``""`` if none) when ``url`` is already normalised (see
+        ``key_from_parts``).
         """
         if self.key is not None:
             custom = self.key(request)
             if custom is None:
                 return None
             return ("key", method.upper(), custom, extra)
-        return request_key(method, url, headers, ignore=self.ignore_headers, extra=extra)
+        if userinfo is None:
+            url, userinfo = _split_url(url)
+        return key_from_parts(
+            method, url, userinfo, headers, ignore=self.ignore_headers, extra=extra
+        )
 
 
 def _snapshot_is_cacheable(value: object) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, MutableMapping
 from types import TracebackType
@@ -38,7 +39,7 @@ _Value: TypeAlias = "Snapshot | Unshared[httpx.Response]"
 class _Policy:
     """What both transports share: options, the Group, the key and the response builders."""
 
-    __slots__ = ("group", "options")
+    __slots__ = ("caching", "group", "options")
 
     def __init__(
         self,
@@ -65,6 +66,10 @@ class _Policy:
         self.group = self.options.make_group(
             group=group, tier=tier, reelect_on=(httpx.TimeoutException,)
         )
+        # Judge cacheability only where something may store it (a cache or a tier).
+        self.caching = (
+            self.group.cache is not None or getattr(self.group, "_tier", None) is not None
+        )
 
     def key(self, request: httpx.Request) -> Hashable | None:
         """The Group key of ``request``, or None when it must go straight through."""
@@ -73,7 +78,11 @@ class _Policy:
         raw = request.headers.raw
         if bypass_reason(request.method, raw, methods=self.options.methods) is not None:
             return None
-        return self.options.key_for(request, request.method, str(request.url), raw, _BODY)
+        # httpx.URL is already normalised (lower-case scheme and host, no default port).
+        url = request.url
+        normal = f"{url.scheme}://{url.netloc.decode('ascii')}{url.raw_path.decode('ascii')}"
+        userinfo = url.userinfo.decode("ascii")
+        return self.options.key_for(request, request.method, normal, raw, _BODY, userinfo=userinfo)
 
     def unshared(self, response: httpx.Response) -> bool:
         """True if ``response`` goes to its leader only (Set-Cookie, event stream, too big)."""
@@ -81,13 +90,15 @@ class _Policy:
         return reason is not None
 
     def snapshot(self, request: httpx.Request, response: httpx.Response, body: bytes) -> Snapshot:
-        return Snapshot.build(
+        status, reason, version = (
             response.status_code,
             response.reason_phrase,
             response.http_version,
-            response.headers.raw,
-            body,
-            request_headers=request.headers.raw,
+        )
+        if not self.caching:  # httpx's raw headers are already (bytes, bytes) pairs
+            return Snapshot(status, reason, version, tuple(response.headers.raw), body)
+        return Snapshot.build(
+            status, reason, version, response.headers.raw, body, request_headers=request.headers.raw
         )
 
     def deliver(self, request: httpx.Request, value: Any, role: str) -> httpx.Response:
@@ -141,6 +152,63 @@ def _read_timeout(request: httpx.Request) -> float | None:
         read = timeout.get("read")
         return float(read) if isinstance(read, (int, float)) else None
     return None
+
+
+def _in_flight(group: Group[Any], key: Hashable) -> bool:
+    """Is ``key`` in flight now? A hint (the answer may change at once); True if unknown."""
+    flights = getattr(group, "_flights", None)  # TODO(core): a public Group.__contains__
+    return True if flights is None else key in flights
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio (httpx runs on it through anyio)
+        return False
+    return True
+
+
+def _waited_too_long(request: httpx.Request, budget: float) -> httpx.ReadTimeout:
+    return httpx.ReadTimeout(
+        f"waited {budget}s (this request's read timeout) for an identical request in flight",
+        request=request,
+    )
+
+
+class _Deadline:
+    """A follower's own deadline on asyncio: cancels its task at ``budget`` s unless disarmed.
+
+    Like ``asyncio.timeout`` (3.11+ only): cancel the task, then tell our cancellation from
+    anyone else's with ``uncancel``. Setting ``deadline = math.inf`` disarms it (the same
+    spelling as ``anyio.CancelScope``, so ``fetch`` serves both).
+    """
+
+    __slots__ = ("_fired", "_handle", "_task")
+
+    def __init__(self, budget: float) -> None:
+        self._task = asyncio.current_task()
+        self._fired = False
+        self._handle = asyncio.get_running_loop().call_later(budget, self._fire)
+
+    def _fire(self) -> None:
+        if self._task is not None:
+            self._fired = True
+            self._task.cancel()
+
+    @property
+    def deadline(self) -> float:
+        return math.inf if self._handle.cancelled() else self._handle.when()
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        self._handle.cancel()  # only ever disarmed
+
+    def expired(self) -> bool:
+        """True if our timer cancelled the task and nobody else did (then it is undone)."""
+        if not self._fired or self._task is None:
+            return False
+        uncancel = getattr(self._task, "uncancel", None)
+        return uncancel is None or uncancel() == 0  # Python 3.10 cannot tell: ours
 
 
 class _AsyncRest(httpx.AsyncByteStream):
@@ -238,29 +306,40 @@ class AsyncSingleflightTransport(httpx.AsyncBaseTransport):
         key = policy.key(request)
         if key is None:
             return await self._inner.handle_async_request(request)
-        ran = False
         budget = _read_timeout(request)
-        scope: anyio.CancelScope | None = None
+        ran = False
+        deadline: _Deadline | anyio.CancelScope | None = None
 
         async def fetch() -> _Value:
             nonlocal ran
             ran = True
-            if scope is not None:
-                scope.deadline = math.inf  # leading now: httpcore enforces our own timeouts
+            if deadline is not None:  # leading now: httpcore enforces our own timeouts
+                deadline.deadline = math.inf
             return await self._fetch(request)
 
         try:
-            if budget is None:
+            if budget is None or not _in_flight(policy.group, key):
+                # Nothing to wait for: this call leads at once (fetch runs before the first
+                # await), so no deadline is armed. A sync thread may take the lead in between;
+                # then the wait is bounded by that leader's own timeouts and re-election.
                 value, role = await policy.group.do_with_role(key, fetch)
-            else:
-                with anyio.CancelScope(deadline=anyio.current_time() + budget) as scope:
+            elif _on_asyncio():
+                # A timer handle, not anyio.CancelScope: ten times cheaper, and every request
+                # pays for it (benchmarks/bench_httpx.py).
+                deadline = _Deadline(budget)
+                try:
                     value, role = await policy.group.do_with_role(key, fetch)
-                if scope.cancelled_caught:
-                    raise httpx.ReadTimeout(
-                        f"waited {budget}s (this request's read timeout) for an identical "
-                        "request in flight",
-                        request=request,
-                    )
+                except asyncio.CancelledError:
+                    if not deadline.expired():
+                        raise
+                    raise _waited_too_long(request, budget) from None
+                finally:
+                    deadline.deadline = math.inf
+            else:
+                with anyio.CancelScope(deadline=anyio.current_time() + budget) as deadline:
+                    value, role = await policy.group.do_with_role(key, fetch)
+                if deadline.cancelled_caught:
+                    raise _waited_too_long(request, budget)
         except ReentrancyError:
             # The request was sent from inside its own flight (a hook or an auth flow):
             # waiting would deadlock, so it goes on its own.
