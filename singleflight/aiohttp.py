@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Collection, Hashable, Iterable, MutableMapping
@@ -82,7 +83,7 @@ class SingleflightMiddleware:
         tier: a shared tier (``singleflight.redis.RedisTier``) for one flight across processes.
     """
 
-    __slots__ = ("_group", "_options")
+    __slots__ = ("_group", "_judge_cacheable", "_options")
 
     def __init__(
         self,
@@ -111,6 +112,10 @@ class SingleflightMiddleware:
         # re-elects.
         self._group = self._options.make_group(
             group=group, tier=tier, reelect_on=(asyncio.TimeoutError,)
+        )
+        # Only a cache or a tier reads Snapshot.cacheable; without them, skip judging it.
+        self._judge_cacheable = (
+            group is not None or tier is not None or self._group.cache is not None
         )
 
     @property
@@ -165,10 +170,13 @@ class SingleflightMiddleware:
         self, req: ClientRequest, resp: ClientResponse
     ) -> Snapshot | Unshared[ClientResponse]:
         """Buffer the leader's response into a Snapshot, or keep it for the leader alone."""
-        if unshareable_reason(resp.raw_headers, max_body_size=self._options.max_body_size):
+        # A HEAD (or 204/304) response has no body, whatever its Content-Length announces.
+        bodyless = req.method == hdrs.METH_HEAD or resp.status in (204, 304)
+        limit = sys.maxsize if bodyless else self._options.max_body_size
+        if unshareable_reason(resp.raw_headers, max_body_size=limit):
             return Unshared(resp)  # Set-Cookie, event stream, too large: untouched, unread
         decoded = req.session.auto_decompress and hdrs.CONTENT_ENCODING in resp.headers
-        if (resp.content_length is not None and not decoded) or req.method == hdrs.METH_HEAD:
+        if bodyless or (resp.content_length is not None and not decoded):
             body = await resp.read()  # bounded: unshareable_reason checked Content-Length
         else:
             body_or_none = await _read_at_most(resp, self._options.max_body_size)
@@ -176,10 +184,13 @@ class SingleflightMiddleware:
                 return Unshared(resp)  # grew past max_body_size: the rest streams to the leader
             body = body_or_none
         version = resp.version
+        http_version = f"HTTP/{version.major}.{version.minor}" if version else "HTTP/1.1"
+        if not self._judge_cacheable:
+            return Snapshot(resp.status, resp.reason or "", http_version, resp.raw_headers, body)
         return Snapshot.build(
             resp.status,
             resp.reason or "",
-            f"HTTP/{version.major}.{version.minor}" if version else "HTTP/1.1",
+            http_version,
             resp.raw_headers,
             body,
             request_headers=cast(Any, req.headers.items()),

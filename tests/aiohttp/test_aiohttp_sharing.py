@@ -152,3 +152,17 @@ async def test_connection_refused_reaches_every_waiter(make_session):
     )
     assert all(isinstance(r, aiohttp.ClientConnectorError) for r in results)
     assert mw.group.in_flight == 0
+
+
+async def test_head_of_a_large_resource_is_still_shared(upstream, make_session):
+    mw = SingleflightMiddleware(max_body_size=1000)
+    session = make_session(mw)
+    url = upstream.url + "/large-head?gate=lh&size=5000"
+    tasks = [asyncio.create_task(session.head(url)) for _ in range(4)]
+    await upstream.wait_for_hits_async(1, "/large-head")
+    await joined(mw, 3)
+    upstream.open_gate("lh")
+    responses = await bounded(asyncio.gather(*tasks))
+    assert upstream.hits("/large-head") == 1
+    for r in responses:
+        assert r.headers["Content-Length"] == "5000" and await r.read() == b""
