@@ -60,16 +60,12 @@ class SingleflightMiddleware:
     ``async with`` work as usual). ``served(response)`` tells how a response was served.
 
     Keys, bypass rules and what may be shared or cached are ``singleflight._http``'s, the same as
-    the httpx transport's (see docs/aiohttp.md): GET/HEAD only, credentials and every other
-    header except tracing ones separate callers, requests with a body pass through, a response
-    with ``Set-Cookie``, an event stream or a body above ``max_body_size`` goes to its leader
-    only (its followers make their own requests). The session's ``auto_decompress`` is part of
-    the key, so decoded and raw bodies never mix. aiohttp calls a middleware once per redirect
-    hop and per retry: each hop coalesces on its own.
-
-    If the leader's own timeout or cancellation ends its request, a waiting caller takes over and
-    makes the request itself; every caller keeps its own timeout. Other errors, and every status
-    (5xx included), reach all the callers of that flight, and are never cached.
+    the httpx transport's (docs/aiohttp.md): credentials separate callers, requests with a body
+    pass through, a response with ``Set-Cookie``, an event stream or a body above
+    ``max_body_size`` goes to its leader only. The session's ``auto_decompress`` is in the key.
+    aiohttp calls a middleware once per redirect hop and per retry: each hop coalesces on its own.
+    The leader's own timeout or cancellation re-elects a waiting caller; other errors and every
+    status reach all the callers of the flight, and are never cached.
 
     Args:
         methods: methods to coalesce; others pass straight through.
@@ -79,7 +75,8 @@ class SingleflightMiddleware:
         key: ``key(request) -> hashable`` replaces the default key (None: pass through).
         ignore_headers: request headers left out of the key (default: tracing headers).
         max_body_size: larger bodies are streamed to their leader, never buffered to share.
-        group: a ``singleflight.Group`` to share flights with other adapters or sessions.
+        group: a ``singleflight.Group`` to share flights with other adapters or sessions; give it
+            ``reelect_on=(asyncio.TimeoutError,)`` so a leader's socket timeout re-elects too.
         tier: a shared tier (``singleflight.redis.RedisTier``) for one flight across processes.
     """
 
