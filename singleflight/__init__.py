@@ -1,7 +1,5 @@
 """singleflight: make concurrent identical work happen exactly once."""
 
-from __future__ import annotations
-
 from ._decorator import Singleflight as Singleflight, singleflight as singleflight
 from ._errors import (
     FlightAbandoned as FlightAbandoned,

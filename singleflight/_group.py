@@ -8,11 +8,12 @@ import threading
 from asyncio.events import _get_running_loop
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Final, Generic, Literal, Protocol, TypeVar, final
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar, cast, final
 
 from ._oncemap import (
     ALONE,
     ERROR,
+    LEAD,
     REELECT,
     SIGNAL,
     SYNC_LEADERS,
@@ -20,11 +21,12 @@ from ._oncemap import (
     OnceMap,
     _ThreadWaiter,
     _Waiter,
+    abandon_future,
     is_reentrant,
     new_waiter,
     reentrancy_error,
-    retrieve,
     runs_flight,
+    wait_for_outcome,
 )
 
 __all__ = ("Codec", "Group", "Role", "Stats", "Tier", "Unshared")
@@ -36,7 +38,8 @@ V = TypeVar("V")
 Role = Literal["leader", "follower", "cache", "shared", "remote", "stale"]
 
 _MISSING: Final = object()
-_CANCELLED = (asyncio.CancelledError,)
+# The leader's own end, not an outcome: cancelled, or its coroutine closed with its loop.
+_CANCELLED = (asyncio.CancelledError, GeneratorExit)
 
 
 class Codec(Protocol[V]):
@@ -156,6 +159,7 @@ class Group(Generic[V]):
         self._followers = 0
         self._cache_hits = 0
         self._errors = 0
+        self._reelections = 0
 
     # -- introspection -------------------------------------------------------------------
 
@@ -200,71 +204,79 @@ class Group(Generic[V]):
         """Run ``await fn(*args, **kwargs)`` once per ``key`` in flight; return its value.
 
         Every caller of a key whose flight is under way gets the same value, or the same
-        exception. Cancelling a caller affects it alone; if the leader is cancelled, a waiting
-        caller becomes the leader and runs its own ``fn``. A flight that awaits its own key
-        raises ``ReentrancyError``.
+        exception. Cancelling a caller affects it alone; if the leader is cancelled, one waiting
+        caller becomes the leader and runs its own ``fn``, and the others wait for that run. A
+        flight that awaits its own key raises ``ReentrancyError``.
         """
-        if self._plain:
-            # The fast path: an uncontended flight is one insert, the work, one delete.
-            # (A deliberate copy of the leader branch of _run, which handles everything else.)
-            flights = self._flights
-            flight: list[Any] = []
+        if not self._plain:
+            return (await self._run(key, fn, args, kwargs, None, None))[0]
+        # The fast path: an uncontended flight is one insert, the work, one delete. This is a
+        # deliberate copy of the leader and follower branches of _run (which handles the rest):
+        # a second coroutine per call would cost more than the whole of this path.
+        flights = self._flights
+        flight: list[Any] = []
+        try:
+            head = flights.setdefault(key, flight)
+        except TypeError as exc:
+            raise _hash_error(key, exc) from None
+        if head is flight:
+            self._leaders += 1
             try:
-                head = flights.setdefault(key, flight)
-            except TypeError as exc:
-                raise _hash_error(key, exc) from None
-            if head is flight:
-                self._leaders += 1
-                try:
-                    value = await fn(*args, **kwargs)
-                except BaseException as exc:
-                    self._land_failed(key, flight, exc)
-                    raise
+                value = await fn(*args, **kwargs)
+            except BaseException as exc:
+                self._land_failed(key, flight, exc)
+                raise
+            if type(value) is Unshared:
+                self._map.land(key, flight, SIGNAL, ALONE)
+                return cast(V, value.value)  # type: ignore[attr-defined]
+            if not flight:
+                del flights[key]  # remove first, then look again (see _oncemap)
                 if not flight:
-                    del flights[key]  # remove first, then look again (see _oncemap)
-                    if not flight:
-                        return value
-                    self._map._land_locked(key, flight, VALUE, value, removed=True)
-                else:
-                    self._map._land_locked(key, flight, VALUE, value, removed=False)
-                return value
-            loop = _get_running_loop()
-            if loop is not None and not self._map._next:
-                # The follower's fast path (nothing forgotten anywhere): no lock, and no
-                # coroutine of its own. Register first, then re-check (uv #3724).
-                fut = loop.create_future()
-                head.append(fut)
-                if flights.get(key) is head:
-                    if is_reentrant(head):
-                        fut.cancel()
-                        raise reentrancy_error(key)
-                    self._followers += 1
-                    try:
-                        value = await fut
-                    except BaseException:
-                        retrieve(fut)
-                        raise
-                    if value is not REELECT and value is not ALONE:
-                        return value
-                    self._followers -= 1
-                    if value is ALONE:
-                        self._leaders += 1
-                        return await fn(*args, **kwargs)
-                else:
-                    fut.cancel()  # the flight landed before it could see us
-                head = None  # type: ignore[assignment]  # start over on the full path
-            return (await self._run(key, fn, args, kwargs, head))[0]
-        return (await self._run(key, fn, args, kwargs, None))[0]
+                    return value
+                self._map._land_locked(key, flight, VALUE, value, removed=True)
+            else:
+                self._map._land_locked(key, flight, VALUE, value, removed=False)
+            return value
+        loop = _get_running_loop()
+        if loop is None or self._map._next:
+            return (await self._run(key, fn, args, kwargs, head, None))[0]
+        # The follower's fast path (asyncio, nothing forgotten): no lock, no coroutine of its
+        # own. Register first, then re-check that the flight still owns the key (uv #3724).
+        fut = loop.create_future()
+        head.append(fut)
+        if flights.get(key) is not head:
+            fut.cancel()  # the flight landed before it could see us: start over
+            return (await self._run(key, fn, args, kwargs, None, None))[0]
+        if is_reentrant(head):
+            fut.cancel()
+            raise reentrancy_error(key)
+        self._followers += 1
+        try:
+            value = await fut
+        except BaseException:
+            abandon_future(self._map, key, head, fut)
+            raise
+        if value is LEAD:  # the leader gave up and handed the flight to us
+            self._followers -= 1
+            return (await self._run(key, fn, args, kwargs, None, head))[0]
+        if value is ALONE:
+            self._followers -= 1
+            return await self._alone(fn, args, kwargs)
+        return value
 
     async def do_with_role(
         self, key: Hashable, fn: Callable[..., Awaitable[V]], /, *args: Any, **kwargs: Any
     ) -> tuple[V, Role]:
         """Like ``do``, and also say how the call was served (``"leader"``, ``"follower"``…)."""
-        return await self._run(key, fn, args, kwargs, None)
+        return await self._run(key, fn, args, kwargs, None, None)
 
     def _land_failed(self, key: Hashable, flight: list[Any], exc: BaseException) -> None:
+        """The leader's run raised: hand the flight over, or share the error."""
         if isinstance(exc, self._reelect) or _is_cancellation(exc):
-            self._map.land(key, flight, SIGNAL, REELECT)
+            # Its own cancellation or deadline, or its coroutine closed with its loop: not an
+            # outcome the followers should see. One of them leads the flight from here.
+            self._reelections += 1
+            self._map.handover(key, flight)
         else:
             self._errors += 1
             self._map.land(key, flight, ERROR, exc)
@@ -285,6 +297,14 @@ class Group(Generic[V]):
             with self._cache_lock:
                 cache[key] = value
 
+    async def _alone(
+        self, fn: Callable[..., Awaitable[V]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> V:
+        """The leader's value was not for sharing: run our own work, outside any flight."""
+        self._leaders += 1
+        value: Any = await fn(*args, **kwargs)
+        return value.value if type(value) is Unshared else value  # type: ignore[no-any-return]
+
     @runs_flight
     async def _run(
         self,
@@ -293,37 +313,46 @@ class Group(Generic[V]):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         head: list[Any] | None,
+        owned: list[Any] | None,
     ) -> tuple[V, Role]:
+        """The whole of a call: cache, flight (leader or follower), tier, hand-over.
+
+        ``head``: the flight ``setdefault`` already returned (we are not its leader);
+        ``owned``: a flight just handed over to us (we lead it).
+        """
         value: Any
-        if head is None:
+        if head is None and owned is None:
             value = self._cached(key)
             if value is not _MISSING:
                 self._cache_hits += 1
                 return value, "cache"
         flights = self._flights
         while True:
-            flight: list[Any] = []
-            lead = False
-            if head is None:
-                try:
-                    head = flights.setdefault(key, flight)
-                except TypeError as exc:
-                    raise _hash_error(key, exc) from None
-                lead = head is flight
-            if not lead:
-                waiter = new_waiter()
-                joined, lead = self._map.join(key, head, waiter)
-                head = None
-                if joined is None:
-                    continue  # the flight landed before we could join: start over
-                flight = joined
-            if lead:
-                if self._cache is not None:
+            if owned is not None:
+                flight, owned, lead = owned, None, True
+            else:
+                flight = []
+                lead = False
+                if head is None:
+                    try:
+                        head = flights.setdefault(key, flight)
+                    except TypeError as exc:
+                        raise _hash_error(key, exc) from None
+                    lead = head is flight
+                if not lead:
+                    waiter = new_waiter()
+                    joined, lead = self._map.join(key, head, waiter)
+                    head = None
+                    if joined is None:
+                        continue  # the flight landed before we could join: start over
+                    flight = joined
+                if lead and self._cache is not None:
                     value = self._cached(key)  # a flight may have landed since we looked
                     if value is not _MISSING:
                         self._cache_hits += 1
                         self._map.land(key, flight, VALUE, value)
                         return value, "cache"
+            if lead:
                 self._leaders += 1
                 role: Role = "leader"
                 try:
@@ -345,29 +374,21 @@ class Group(Generic[V]):
                 self._map.land(key, flight, VALUE, value)
                 return value, role
             if is_reentrant(flight):
-                self._map.leave(flight, waiter)
+                if not self._map.leave(flight, waiter) and not isinstance(waiter, _Waiter):
+                    waiter.cancel()
                 raise reentrancy_error(key)
             self._followers += 1
-            try:
-                if isinstance(waiter, _Waiter):  # trio
-                    await waiter.event.wait()  # type: ignore[attr-defined]
-                    value = waiter.outcome()
-                else:
-                    value = await waiter
-            except BaseException:
-                if not isinstance(waiter, _Waiter):
-                    retrieve(waiter)  # settled just as we were cancelled: nobody else reads it
-                raise
-            if value is REELECT:
-                self._followers -= 1  # counted again by how the next round serves it
+            value = await wait_for_outcome(self._map, key, flight, waiter)
+            if value is REELECT:  # the flight ended without a leader: start over
+                self._followers -= 1
+                continue
+            if value is LEAD:
+                self._followers -= 1
+                owned = flight
                 continue
             if value is ALONE:
                 self._followers -= 1
-                self._leaders += 1
-                value = await fn(*args, **kwargs)
-                if type(value) is Unshared:
-                    value = value.value
-                return value, "leader"
+                return await self._alone(fn, args, kwargs), "leader"
             return value, "follower"
 
     # -- threads ------------------------------------------------------------------------
@@ -404,26 +425,30 @@ class Group(Generic[V]):
                 "use a Group without tier= for do_sync"
             )
         flights = self._flights
+        owned: list[Any] | None = None
         while True:
-            flight: list[Any] = []
-            try:
-                head = flights.setdefault(key, flight)
-            except TypeError as exc:
-                raise _hash_error(key, exc) from None
-            lead = head is flight
-            if not lead:
-                waiter = _ThreadWaiter()
-                joined, lead = self._map.join(key, head, waiter)
-                if joined is None:
-                    continue
-                flight = joined
-            if lead:
-                if self._cache is not None:
+            if owned is not None:
+                flight, owned, lead = owned, None, True
+            else:
+                flight = []
+                try:
+                    head = flights.setdefault(key, flight)
+                except TypeError as exc:
+                    raise _hash_error(key, exc) from None
+                lead = head is flight
+                if not lead:
+                    waiter = _ThreadWaiter()
+                    joined, lead = self._map.join(key, head, waiter)
+                    if joined is None:
+                        continue
+                    flight = joined
+                if lead and self._cache is not None:
                     value = self._cached(key)
                     if value is not _MISSING:
                         self._cache_hits += 1
                         self._map.land(key, flight, VALUE, value)
                         return value, "cache"
+            if lead:
                 self._leaders += 1
                 SYNC_LEADERS[0] += 1
                 try:
@@ -443,16 +468,23 @@ class Group(Generic[V]):
                 self._map.leave(flight, waiter)
                 raise reentrancy_error(key)
             self._followers += 1
-            waiter.lock.acquire()
+            try:
+                waiter.lock.acquire()
+            except BaseException:  # e.g. KeyboardInterrupt while blocked
+                if not self._map.leave(flight, waiter):
+                    self._map.resign(key, flight, waiter.payload)
+                raise
             value = waiter.outcome()
             if value is REELECT:
                 self._followers -= 1
+                continue
+            if value is LEAD:
+                self._followers -= 1
+                owned = flight
                 continue
             if value is ALONE:
                 self._followers -= 1
                 self._leaders += 1
                 value = fn(*args, **kwargs)
-                if type(value) is Unshared:
-                    value = value.value
-                return value, "leader"
+                return (value.value if type(value) is Unshared else value), "leader"
             return value, "follower"

@@ -49,6 +49,8 @@ SIGNAL: Final = 2  # payload is REELECT or ALONE
 REELECT: Final = object()
 #: The leader's result must not be shared: run your own work, outside any flight.
 ALONE: Final = object()
+#: You are the flight's leader now: the previous one gave up (re-election, DESIGN.md).
+LEAD: Final = object()
 #: Appended to a flight by ``forget`` so that its leader takes the locked landing path.
 FORGOTTEN: Final = object()
 
@@ -67,6 +69,9 @@ class _Waiter:
         self.payload: Any = None
 
     def settle(self, kind: int, payload: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def wake(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def outcome(self) -> Any:
@@ -91,7 +96,11 @@ class _ThreadWaiter(_Waiter):
     def settle(self, kind: int, payload: Any) -> None:
         self.kind = kind
         self.payload = (payload, payload.__traceback__) if kind == ERROR else payload
-        self.lock.release()  # written once, before the release: the waiter reads after acquire
+        self.wake()
+
+    def wake(self) -> bool:
+        self.lock.release()  # kind/payload are written before: the waiter reads after acquire
+        return True
 
 
 class _TrioWaiter(_Waiter):
@@ -109,10 +118,14 @@ class _TrioWaiter(_Waiter):
     def settle(self, kind: int, payload: Any) -> None:
         self.kind = kind
         self.payload = (payload, payload.__traceback__) if kind == ERROR else payload
+        self.wake()
+
+    def wake(self) -> bool:
         try:
             self.token.run_sync_soon(self.event.set)
         except Exception:  # the trio run has ended: nobody is waiting any more
-            pass
+            return False
+        return True
 
 
 def _settle_future(fut: asyncio.Future[Any], kind: int, payload: Any) -> None:
@@ -124,6 +137,16 @@ def _settle_future(fut: asyncio.Future[Any], kind: int, payload: Any) -> None:
         fut.set_exception(payload)
     else:
         fut.set_result(payload)
+
+
+def _offer_lead(
+    fut: asyncio.Future[Any], owner: OnceMap[Any, Any], key: Any, flight: Flight
+) -> None:
+    """On the elected follower's own loop: make it the leader, or pass on if it just left."""
+    if fut.done():
+        owner.handover(key, flight)
+    else:
+        fut.set_result(LEAD)
 
 
 _Future = asyncio.Future
@@ -159,12 +182,6 @@ def _wake_one(w: Any, kind: int, payload: Any, here: asyncio.AbstractEventLoop |
         loop.call_soon_threadsafe(_settle_future, w, kind, payload)
     except RuntimeError:  # that loop is closed: its waiter is gone with it
         pass
-
-
-def retrieve(fut: asyncio.Future[Any]) -> None:
-    """Mark a settled future's exception as seen, so asyncio does not log it."""
-    if fut.done() and not fut.cancelled():
-        fut.exception()
 
 
 def new_waiter() -> Any:
@@ -222,6 +239,29 @@ def reentrancy_error(key: Hashable) -> ReentrancyError:
     )
 
 
+async def wait_for_outcome(owner: OnceMap[Any, Any], key: Any, flight: Flight, waiter: Any) -> Any:
+    """Await an async waiter's outcome; a caller that leaves early passes on a lead it got."""
+    if isinstance(waiter, _Waiter):  # trio
+        try:
+            await waiter.event.wait()  # type: ignore[attr-defined]
+        except BaseException:
+            if not owner.leave(flight, waiter):
+                owner.resign(key, flight, waiter.payload)
+            raise
+        return waiter.outcome()
+    try:
+        return await waiter
+    except BaseException:
+        abandon_future(owner, key, flight, waiter)
+        raise
+
+
+def abandon_future(owner: OnceMap[Any, Any], key: Any, flight: Flight, fut: Any) -> None:
+    """A follower whose future may hold an outcome is leaving: pass on a lead, mark seen."""
+    if fut.done() and not fut.cancelled() and fut.exception() is None:
+        owner.resign(key, flight, fut.result())
+
+
 class OnceMap(Generic[K, V]):
     """OnceMap is the in-flight map: one flight per key, and every waiter gets its outcome.
 
@@ -239,7 +279,8 @@ class OnceMap(Generic[K, V]):
         self._lock = threading.Lock()  # guards joins, forget, _next and locked landings
         # id(forgotten flight) -> the flight that new callers use instead (None: none yet).
         self._next: dict[int, Flight | None] = {}  # guarded by self._lock
-        self._registered: dict[Any, Flight] = {}  # flights led through register(); by key
+        # Flights led through register(), oldest first, per key (guarded by self._lock).
+        self._registered: dict[Any, list[Flight]] = {}
 
     def __len__(self) -> int:
         """The number of keys in flight now."""
@@ -260,12 +301,14 @@ class OnceMap(Generic[K, V]):
             flight: Flight = []
             head = self._flights.setdefault(key, flight)
             if head is flight:
-                self._registered[key] = flight
+                with self._lock:
+                    self._registered.setdefault(key, []).append(flight)
                 return True
             joined, lead = self.join(key, head, None)
             if joined is not None:
                 if lead:
-                    self._registered[key] = joined
+                    with self._lock:
+                        self._registered.setdefault(key, []).append(joined)
                 return lead
 
     def done(self, key: K, value: V) -> None:
@@ -293,16 +336,10 @@ class OnceMap(Generic[K, V]):
         if is_reentrant(joined):
             self.leave(joined, waiter)
             raise reentrancy_error(key)
-        if isinstance(waiter, _Waiter):
-            await waiter.event.wait()  # type: ignore[attr-defined]
-            result = waiter.outcome()
-        else:
-            try:
-                result = await waiter
-            except BaseException:
-                retrieve(waiter)
-                raise
-        if result is REELECT or result is ALONE:
+        result = await wait_for_outcome(self, key, joined, waiter)
+        if result is LEAD:
+            self.resign(key, joined, result)
+        if result is REELECT or result is ALONE or result is LEAD:
             raise FlightAbandoned(f"the leader of {key!r} gave up; call register(key) again")
         return cast(V, result)
 
@@ -320,10 +357,13 @@ class OnceMap(Generic[K, V]):
             self.leave(joined, waiter)
             raise reentrancy_error(key)
         if not waiter.lock.acquire(timeout=-1 if timeout is None else timeout):
-            self.leave(joined, waiter)
-            raise TimeoutError(f"{key!r} did not land within {timeout} s")
+            if self.leave(joined, waiter):
+                raise TimeoutError(f"{key!r} did not land within {timeout} s")
+            waiter.lock.acquire()  # an outcome is on its way: it is released right after
         result = waiter.outcome()
-        if result is REELECT or result is ALONE:
+        if result is LEAD:
+            self.resign(key, joined, result)
+        if result is REELECT or result is ALONE or result is LEAD:
             raise FlightAbandoned(f"the leader of {key!r} gave up; call register(key) again")
         return cast(V, result)
 
@@ -339,14 +379,25 @@ class OnceMap(Generic[K, V]):
             if current is not None:  # None: forgotten already and no newer flight yet
                 current.append(FORGOTTEN)  # its leader now lands on the locked path
                 self._next[id(current)] = None
+                if current is head and self._flights.get(key) is not head:
+                    # The head landed on its lock-free path while we looked (mark first, then
+                    # re-check, as a follower does): there is nothing left to forget. Undo, or
+                    # the stale mark would outlive the flight and its id could be reused.
+                    current.remove(FORGOTTEN)
+                    del self._next[id(current)]
 
     # -- the machinery the Group shares --------------------------------------------------
 
     def _take(self, key: K) -> Flight:
-        try:
-            return self._registered.pop(key)
-        except KeyError:
-            raise KeyError(f"{key!r} was not registered by this map's register()") from None
+        """The oldest flight of ``key`` led through ``register()`` that has not landed."""
+        with self._lock:
+            flights = self._registered.get(key)
+            if not flights:
+                raise KeyError(f"{key!r} was not registered by this map's register()")
+            flight = flights.pop(0)
+            if not flights:
+                del self._registered[key]
+            return flight
 
     def join(
         self, key: Any, head: Flight, waiter: Any, *, follow_only: bool = False
@@ -378,13 +429,18 @@ class OnceMap(Generic[K, V]):
                 return None, False
             return flight, False
 
-    def leave(self, flight: Flight, waiter: Any) -> None:
-        """Take a waiter that will no longer wait out of its flight."""
+    def leave(self, flight: Flight, waiter: Any) -> bool:
+        """Take a waiter that will no longer wait out of its flight; False if it was not there.
+
+        False means an outcome was (or is being) delivered to it; for a ``_Waiter`` elected
+        leader, ``payload`` is already ``LEAD`` (written under the lock), see ``resign``.
+        """
         with self._lock:
             try:
                 flight.remove(waiter)
             except ValueError:
-                pass
+                return False
+            return True
 
     def land(self, key: Any, flight: Flight, kind: int, payload: Any) -> None:
         """End ``flight`` (the caller leads it and has not removed it) and deliver its outcome."""
@@ -398,6 +454,49 @@ class OnceMap(Generic[K, V]):
             self._land_locked(key, flight, kind, payload, removed=True)
         else:
             self._land_locked(key, flight, kind, payload, removed=False)
+
+    def handover(self, key: Any, flight: Flight) -> None:
+        """The leader of ``flight`` gave up: make one live waiter its new leader.
+
+        The flight keeps its key, so the other waiters, and callers that arrive meanwhile, wait
+        for the new leader's run. With no live waiter left the flight ends, as by ``land``.
+        """
+        here = _get_running_loop()
+        while True:
+            with self._lock:
+                elected = None
+                for i, w in enumerate(flight):
+                    # A future that is done was cancelled: its caller left. Other waiters
+                    # (threads, trio) leave by taking themselves out of the list.
+                    if w is not FORGOTTEN and (isinstance(w, _Waiter) or not w.done()):
+                        elected = flight.pop(i)
+                        if isinstance(elected, _Waiter):
+                            # Written under the lock: a waiter that fails to leave (because
+                            # it was just elected) reads LEAD here and passes it on.
+                            elected.kind = SIGNAL
+                            elected.payload = LEAD
+                        break
+            if elected is None:
+                self._land_locked(key, flight, SIGNAL, REELECT, removed=False)
+                return
+            if isinstance(elected, _Waiter):
+                if elected.wake():
+                    return
+                continue  # its trio run is over: elect the next one
+            loop = elected.get_loop()
+            if loop is here:
+                elected.set_result(LEAD)  # checked live under the lock, on this very thread
+                return
+            try:
+                loop.call_soon_threadsafe(_offer_lead, elected, self, key, flight)
+                return
+            except RuntimeError:  # its loop is closed: elect the next one
+                continue
+
+    def resign(self, key: Any, flight: Flight, outcome: Any) -> None:
+        """A follower leaves with ``outcome`` unused: if it was elected, pass the lead on."""
+        if outcome is LEAD:
+            self.handover(key, flight)
 
     def _land_locked(
         self, key: Any, flight: Flight, kind: int, payload: Any, *, removed: bool
