@@ -34,6 +34,7 @@ __all__ = (
 _MAGIC: Final = b"sf"
 VERSION: Final = 1
 _HEADER: Final = struct.Struct(">2sBI")  # magic, version, meta length
+_OK_META: Final = b'{"status":"ok"}'  # what encode_record("ok", payload) writes
 
 
 class BadRecord(ValueError):
@@ -63,6 +64,8 @@ def decode_record(data: bytes) -> Record:
     if magic != _MAGIC or version != VERSION:
         raise BadRecord(f"unknown format {magic!r} v{version}")
     end = _HEADER.size + size
+    if data[_HEADER.size : end] == _OK_META:  # the common case, without a JSON parse
+        return Record("ok", bytes(data[end:]))
     try:
         meta = json.loads(data[_HEADER.size : end])
     except ValueError as exc:  # UnicodeDecodeError is a ValueError too

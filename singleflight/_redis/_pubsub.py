@@ -167,7 +167,7 @@ class Subscriptions:
     async def _flush(self) -> None:
         async with self._lock:
             idle = [c for c in self._subscribed if c not in self._listeners]
-            if not idle:
+            if not idle or self._pubsub is None:  # nothing to do, or closed
                 return
             self._subscribed.difference_update(idle)
             try:

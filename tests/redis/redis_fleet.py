@@ -94,17 +94,14 @@ class Fleet:
     def kill(self) -> None:
         """kill ends every worker still running (by its PID) and reaps them all."""
         for proc in self.procs:
-            if proc.returncode is None:  # not reaped by results()
+            if proc.pid not in self.stderr:  # not reaped by results()
                 if proc.poll() is None:
                     proc.kill()
-                proc.communicate(timeout=10)  # reaps it and closes its pipes
+                _, stderr = proc.communicate(timeout=10)  # reaps it and closes its pipes
+                self.stderr[proc.pid] = (stderr or b"").decode(errors="replace")
         self.redis.close()
         if self in Fleet.live:
             Fleet.live.remove(self)
 
     def _stderr(self) -> str:
-        errs = []
-        for proc in self.procs:
-            if proc.poll() is not None and proc.stderr is not None:
-                errs.append(proc.stderr.read().decode(errors="replace")[-2000:])
-        return "\n".join(errs)
+        return "\n".join(err[-2000:] for err in self.stderr.values() if err)
