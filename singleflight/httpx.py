@@ -31,6 +31,7 @@ from singleflight._http import (
 __all__ = ("DEFAULT_IGNORE_HEADERS", "AsyncSingleflightTransport", "SingleflightTransport")
 
 _E = TypeVar("_E", bound=BaseException)
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _BODY: Final = ("raw",)  # httpx shares bodies as received: content-encoding untouched
 # A leader's value: a Snapshot to share, or its own live response (Unshared: never buffered).
 _Value: TypeAlias = "Snapshot | Unshared[httpx.Response]"
@@ -80,7 +81,10 @@ class _Policy:
             return None
         # httpx.URL is already normalised (lower-case scheme and host, no default port).
         url = request.url
-        normal = f"{url.scheme}://{url.netloc.decode('ascii')}{url.raw_path.decode('ascii')}"
+        netloc = url.netloc.decode("ascii")
+        if url.port is not None and url.port == _DEFAULT_PORTS.get(url.scheme):
+            netloc = netloc.rpartition(":")[0]  # "HTTPS://h:443" keeps its port in httpx
+        normal = f"{url.scheme}://{netloc}{url.raw_path.decode('ascii')}"
         userinfo = url.userinfo.decode("ascii")
         return self.options.key_for(request, request.method, normal, raw, _BODY, userinfo=userinfo)
 
@@ -99,6 +103,26 @@ class _Policy:
             return Snapshot(status, reason, version, tuple(response.headers.raw), body)
         return Snapshot.build(
             status, reason, version, response.headers.raw, body, request_headers=request.headers.raw
+        )
+
+    def decoded(self, request: httpx.Request, response: httpx.Response) -> Snapshot:
+        """A Snapshot of a response whose one-shot stream another wrapper already read.
+
+        Only its decoded ``content`` is left, so the encoding headers go (hishel does the
+        same); otherwise every caller's client would decode it a second time.
+        """
+        content = response.content  # httpx.ResponseNotRead if nobody read it: nothing to share
+        drop = (b"content-encoding", b"content-length", b"transfer-encoding")
+        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in drop]
+        headers.append((b"Content-Length", str(len(content)).encode("ascii")))
+        status, reason = response.status_code, response.reason_phrase
+        return Snapshot.build(
+            status,
+            reason,
+            response.http_version,
+            headers,
+            content,
+            request_headers=request.headers.raw,
         )
 
     def deliver(self, request: httpx.Request, value: Any, role: str) -> httpx.Response:
@@ -367,13 +391,18 @@ class AsyncSingleflightTransport(httpx.AsyncBaseTransport):
             size = 0
             # Iterate .stream itself: aiter_raw() refuses pre-read (MockTransport) responses,
             # and aread() decodes, which would make every caller's client decode twice.
+            if response.is_stream_consumed and not isinstance(response.stream, httpx.ByteStream):
+                return policy.decoded(request, response)  # a one-shot stream, read elsewhere
             rest = response.stream.__aiter__()  # type: ignore[union-attr]
-            async for chunk in rest:
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > limit:
-                    kept = True
-                    return policy.oversized(response, _AsyncRest(chunks, rest, response))
+            try:
+                async for chunk in rest:
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > limit:
+                        kept = True
+                        return policy.oversized(response, _AsyncRest(chunks, rest, response))
+            except httpx.StreamConsumed:
+                return policy.decoded(request, response)
             return policy.snapshot(request, response, b"".join(chunks))
         finally:
             if not kept:
@@ -480,13 +509,18 @@ class SingleflightTransport(httpx.BaseTransport):
             limit = policy.options.max_body_size
             chunks: list[bytes] = []
             size = 0
+            if response.is_stream_consumed and not isinstance(response.stream, httpx.ByteStream):
+                return policy.decoded(request, response)  # a one-shot stream, read elsewhere
             rest = iter(response.stream)  # type: ignore[arg-type]
-            for chunk in rest:
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > limit:
-                    kept = True
-                    return policy.oversized(response, _SyncRest(chunks, rest, response))
+            try:
+                for chunk in rest:
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > limit:
+                        kept = True
+                        return policy.oversized(response, _SyncRest(chunks, rest, response))
+            except httpx.StreamConsumed:
+                return policy.decoded(request, response)
             return policy.snapshot(request, response, b"".join(chunks))
         finally:
             if not kept:

@@ -165,3 +165,55 @@ def test_reason_phrase_and_http_version_survive(reason):
     assert r.extensions["singleflight"] == "cache"
     assert r.http_version == "HTTP/2"
     assert r.reason_phrase == (reason.decode() if reason else "OK")
+
+
+# -- an inner transport whose one-shot stream was already read ------------------------------
+
+
+async def test_pre_read_one_shot_stream_falls_back_to_decoded_content():
+    class PreRead(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request):
+            async def once():
+                yield gzip.compress(b"hello")
+
+            response = httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=once())
+            await response.aread()  # e.g. a logging wrapper read it
+            return response
+
+    t = AsyncSingleflightTransport(PreRead())
+    async with httpx.AsyncClient(transport=t) as c:
+        r = await c.get(URL)
+    assert r.text == "hello"
+    assert "content-encoding" not in r.headers and r.headers["content-length"] == "5"
+
+
+def test_sync_pre_read_one_shot_stream_falls_back_to_decoded_content():
+    class PreRead(httpx.BaseTransport):
+        def handle_request(self, request):
+            response = httpx.Response(
+                200, headers={"Content-Encoding": "gzip"}, content=iter([gzip.compress(b"hi")])
+            )
+            response.read()  # a plain iterator: read again, it would silently yield nothing
+            return response
+
+    with httpx.Client(transport=SingleflightTransport(PreRead())) as c:
+        r = c.get(URL)
+    assert r.text == "hi" and "content-encoding" not in r.headers
+
+
+def test_default_key_matches_the_shared_policy():
+    """httpx.URL parts give the same key as _http.request_key on the URL string (aiohttp's
+    path), so both adapters and a shared Redis tier agree on what is the same request."""
+    from singleflight._http import request_key
+
+    t = AsyncSingleflightTransport()
+    for url in [
+        "http://127.0.0.1:8080/a?b=1&a=2",
+        "HTTPS://Example.COM:443/",
+        "https://example.com",
+        "http://user:pw@example.com:80/p%20q?x=%2F",
+        "http://[::1]:8000/v6",
+    ]:
+        request = httpx.Request("GET", url, headers={"Authorization": "a"})
+        expected = request_key("GET", str(request.url), request.headers.raw, extra=("raw",))
+        assert t._policy.key(request) == expected, url
