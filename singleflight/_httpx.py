@@ -1,0 +1,239 @@
+"""Internals of singleflight.httpx: the httpx side of the policy, deadlines, stream plumbing."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, MutableMapping
+from typing import Any, Final, TypeAlias, TypeVar
+
+import httpx
+
+from singleflight._group import Group, Unshared
+from singleflight._http import HTTPOptions, Snapshot, bypass_reason, unshareable_reason
+
+__all__ = ()
+
+_E = TypeVar("_E", bound=BaseException)
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_BODY: Final = ("raw",)  # httpx shares bodies as received: content-encoding untouched
+# A leader's value: a Snapshot to share, or its own live response (Unshared: never buffered).
+Value: TypeAlias = "Snapshot | Unshared[httpx.Response]"
+
+
+class Policy:
+    """What both transports share: options, the Group, the key and the response builders."""
+
+    __slots__ = ("caching", "group", "options")
+
+    def __init__(
+        self,
+        methods: Iterable[str],
+        ttl: float | None,
+        maxsize: int,
+        cache: MutableMapping[Any, Any] | None,
+        key: Callable[[httpx.Request], Hashable | None] | None,
+        ignore_headers: Iterable[str],
+        max_body_size: int,
+        group: Group[Any] | None,
+        tier: Any,
+    ) -> None:
+        self.options = HTTPOptions.build(
+            methods=methods,
+            ttl=ttl,
+            maxsize=maxsize,
+            cache=cache,
+            key=key,
+            ignore_headers=ignore_headers,
+            max_body_size=max_body_size,
+        )
+        # The leader's own timeout ends only its own attempt: a follower re-runs the request.
+        self.group = self.options.make_group(
+            group=group, tier=tier, reelect_on=(httpx.TimeoutException,)
+        )
+        # Judge cacheability only where something may store it (a cache or a tier).
+        self.caching = (
+            self.group.cache is not None or getattr(self.group, "_tier", None) is not None
+        )
+
+    def key(self, request: httpx.Request) -> Hashable | None:
+        """The Group key of ``request``, or None when it must go straight through."""
+        if request.extensions.get("singleflight", True) is False:
+            return None
+        raw = request.headers.raw
+        if bypass_reason(request.method, raw, methods=self.options.methods) is not None:
+            return None
+        # httpx.URL is already normalised (lower-case scheme and host, no default port).
+        url = request.url
+        netloc = url.netloc.decode("ascii")
+        if url.port is not None and url.port == _DEFAULT_PORTS.get(url.scheme):
+            netloc = netloc.rpartition(":")[0]  # "HTTPS://h:443" keeps its port in httpx
+        normal = f"{url.scheme}://{netloc}{url.raw_path.decode('ascii')}"
+        userinfo = url.userinfo.decode("ascii")
+        return self.options.key_for(request, request.method, normal, raw, _BODY, userinfo=userinfo)
+
+    def unshared(self, response: httpx.Response) -> bool:
+        """True if ``response`` goes to its leader only (Set-Cookie, event stream, too big)."""
+        reason = unshareable_reason(response.headers.raw, max_body_size=self.options.max_body_size)
+        return reason is not None
+
+    def snapshot(self, request: httpx.Request, response: httpx.Response, body: bytes) -> Snapshot:
+        status, reason = response.status_code, response.reason_phrase
+        version = response.http_version
+        if not self.caching:  # httpx's raw headers are already (bytes, bytes) pairs
+            return Snapshot(status, reason, version, tuple(response.headers.raw), body)
+        return Snapshot.build(
+            status, reason, version, response.headers.raw, body, request_headers=request.headers.raw
+        )
+
+    def decoded(self, request: httpx.Request, response: httpx.Response) -> Snapshot:
+        """A Snapshot of a response whose one-shot stream another wrapper already read.
+
+        Only its decoded ``content`` is left, so the encoding headers go (hishel does the
+        same); otherwise every caller's client would decode it a second time.
+        """
+        content = response.content  # httpx.ResponseNotRead if nobody read it: nothing to share
+        drop = (b"content-encoding", b"content-length", b"transfer-encoding")
+        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in drop]
+        headers.append((b"Content-Length", str(len(content)).encode("ascii")))
+        status, reason = response.status_code, response.reason_phrase
+        return Snapshot.build(
+            status,
+            reason,
+            response.http_version,
+            headers,
+            content,
+            request_headers=request.headers.raw,
+        )
+
+    def deliver(self, request: httpx.Request, value: Any, role: str) -> httpx.Response:
+        """Each caller's own Response: a fresh one built from a Snapshot, or its own live one."""
+        if isinstance(value, httpx.Response):
+            value.extensions["singleflight"] = role
+            return value
+        snap: Snapshot = value
+        return httpx.Response(
+            snap.status,
+            headers=list(snap.headers),
+            stream=httpx.ByteStream(snap.body),  # the bytes are shared, never copied
+            extensions={
+                "http_version": snap.http_version.encode("ascii"),
+                "reason_phrase": snap.reason.encode("ascii", "replace"),
+                "singleflight": role,
+            },
+            request=request,
+        )
+
+    def oversized(self, response: httpx.Response, stream: Any) -> Unshared[httpx.Response]:
+        """The leader's response whose body outgrew ``max_body_size``: stream the rest."""
+        return Unshared(
+            httpx.Response(
+                response.status_code,
+                headers=response.headers.raw,
+                stream=stream,
+                extensions={**response.extensions, "singleflight": "leader"},
+            )
+        )
+
+
+def fresh_error(exc: _E, request: httpx.Request) -> _E:
+    """A new exception of the same type bound to the follower's own request.
+
+    The leader's exception object is shared by every waiter of its flight; raising it in many
+    tasks grows one traceback and hands out the leader's request (research note, pitfall 22).
+    """
+    if isinstance(exc, httpx.RequestError):
+        try:
+            new = type(exc)(str(exc), request=request)
+        except Exception:
+            return exc
+        return new
+    return exc
+
+
+def read_timeout(request: httpx.Request) -> float | None:
+    timeout = request.extensions.get("timeout")
+    if isinstance(timeout, dict):
+        read = timeout.get("read")
+        return float(read) if isinstance(read, (int, float)) else None
+    return None
+
+
+def in_flight(group: Group[Any], key: Hashable) -> bool:
+    """Is ``key`` in flight now? A hint (the answer may change at once); True if unknown."""
+    flights = getattr(group, "_flights", None)  # TODO(core): a public Group.__contains__
+    return True if flights is None else key in flights
+
+
+def on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio (httpx runs on it through anyio)
+        return False
+    return True
+
+
+def waited_too_long(request: httpx.Request, budget: float) -> httpx.ReadTimeout:
+    return httpx.ReadTimeout(
+        f"waited {budget}s (this request's read timeout) for an identical request in flight",
+        request=request,
+    )
+
+
+class Deadline:
+    """A follower's own deadline on asyncio: cancels its task at ``budget`` s unless disarmed.
+
+    Like ``asyncio.timeout`` (3.11+ only): cancel the task, then tell our cancellation from
+    anyone else's with ``uncancel``. Setting ``deadline = math.inf`` disarms it (the same
+    spelling as ``anyio.CancelScope``, so ``fetch`` serves both).
+    """
+
+    __slots__ = ("_fired", "_handle", "_task")
+
+    def __init__(self, budget: float) -> None:
+        self._task = asyncio.current_task()
+        self._fired = False
+        self._handle = asyncio.get_running_loop().call_later(budget, self._fire)
+
+    def _fire(self) -> None:
+        if self._task is not None:
+            self._fired = True
+            self._task.cancel()
+
+    @property
+    def deadline(self) -> float:
+        return math.inf if self._handle.cancelled() else self._handle.when()
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        self._handle.cancel()  # only ever disarmed
+
+    def expired(self) -> bool:
+        """True if our timer cancelled the task and nobody else did (then it is undone)."""
+        if not self._fired or self._task is None:
+            return False
+        uncancel = getattr(self._task, "uncancel", None)
+        return uncancel is None or uncancel() == 0  # Python 3.10 cannot tell: ours
+
+
+class Rest(httpx.AsyncByteStream, httpx.SyncByteStream):
+    """The chunks read so far, then the rest of the upstream body, which closing closes."""
+
+    def __init__(self, head: list[bytes], rest: Any, upstream: httpx.Response) -> None:
+        self._head, self._rest, self._upstream = head, rest, upstream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self._head:
+            yield chunk
+        async for chunk in self._rest:
+            yield chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._head
+        yield from self._rest
+
+    async def aclose(self) -> None:
+        await self._upstream.aclose()
+
+    def close(self) -> None:
+        self._upstream.close()
