@@ -104,7 +104,12 @@ def _text(value: str | bytes) -> str:
 
 
 def _bytes(value: str | bytes) -> bytes:
-    return value.encode("latin-1") if isinstance(value, str) else value
+    if isinstance(value, bytes):
+        return value
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:  # aiohttp sends such header values as UTF-8
+        return value.encode("utf-8", "surrogateescape")
 
 
 # Header names come from a small vocabulary and are looked at on every request, so their

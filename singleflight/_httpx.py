@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, MutableMapping
 from typing import Any, Final, TypeAlias, TypeVar
 
@@ -72,10 +73,12 @@ class Policy:
         userinfo = url.userinfo.decode("ascii")
         return self.options.key_for(request, request.method, normal, raw, _BODY, userinfo=userinfo)
 
-    def unshared(self, response: httpx.Response) -> bool:
+    def unshared(self, request: httpx.Request, response: httpx.Response) -> bool:
         """True if ``response`` goes to its leader only (Set-Cookie, event stream, too big)."""
-        reason = unshareable_reason(response.headers.raw, max_body_size=self.options.max_body_size)
-        return reason is not None
+        # A HEAD (or 204/304) response has no body, whatever its Content-Length announces.
+        bodyless = request.method == "HEAD" or response.status_code in (204, 304)
+        limit = sys.maxsize if bodyless else self.options.max_body_size
+        return unshareable_reason(response.headers.raw, max_body_size=limit) is not None
 
     def snapshot(self, request: httpx.Request, response: httpx.Response, body: bytes) -> Snapshot:
         status, reason = response.status_code, response.reason_phrase

@@ -152,7 +152,7 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
         response = await self._inner.handle_async_request(request)
         kept = False  # True once the live response is handed on, still open
         try:
-            if policy.unshared(response):
+            if policy.unshared(request, response):
                 kept = True
                 return Unshared(response)
             limit = policy.options.max_body_size
@@ -257,7 +257,7 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         response = self._inner.handle_request(request)
         kept = False
         try:
-            if policy.unshared(response):
+            if policy.unshared(request, response):
                 kept = True
                 return Unshared(response)
             limit = policy.options.max_body_size

@@ -76,6 +76,12 @@ def test_semantic_and_credential_headers_separate_callers(header):
     assert with_it != key([*BASE, (name, value + b"2")])
 
 
+def test_non_latin1_header_values_hash_as_utf8():
+    a = key([*BASE, ("X-Name", "Zoë ☃")])
+    assert a == key([*BASE, (b"X-Name", "Zoë ☃".encode())])
+    assert a != key([*BASE, ("X-Name", "Zoe")])
+
+
 def test_repeated_header_values_keep_their_order():
     a = key([*BASE, (b"X-A", b"1"), (b"X-A", b"2")])
     b = key([*BASE, (b"X-A", b"2"), (b"X-A", b"1")])

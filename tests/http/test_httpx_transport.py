@@ -192,6 +192,18 @@ async def test_oversized_bodies_are_not_shared(upstream, chunked):
         assert upstream.hits("/small") == 1 and len(small[2].content) == 100
 
 
+async def test_head_is_shared_whatever_its_content_length(upstream):
+    t = AsyncSingleflightTransport(max_body_size=10)
+    async with asyncio.timeout(10), client(t, upstream) as c:
+        tasks = [asyncio.ensure_future(c.head("/hd?size=5000&gate=hd")) for _ in range(3)]
+        await wait_until(lambda: t.stats.calls == 3)
+        upstream.open_gate("hd")
+        responses = await asyncio.gather(*tasks)
+    assert upstream.hits("/hd") == 1
+    assert {r.headers["content-length"] for r in responses} == {"5000"}
+    assert {r.content for r in responses} == {b""}
+
+
 async def test_5xx_is_shared_from_one_hit_and_not_cached(upstream):
     t = AsyncSingleflightTransport(ttl=60)
     async with asyncio.timeout(10), client(t, upstream) as c:
