@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 from collections.abc import Callable, Hashable, MutableMapping
@@ -43,6 +44,15 @@ def _unhashable_error(
     )
 
 
+def _mark_coroutine_function(obj: Any) -> None:
+    """Let frameworks that ask ``iscoroutinefunction`` (FastAPI…) see an async callable."""
+    mark = getattr(inspect, "markcoroutinefunction", None)
+    if mark is not None:  # Python 3.12+
+        mark(obj)
+    else:  # Python 3.10/3.11: asyncio.iscoroutinefunction reads this marker
+        obj._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+
+
 class Singleflight(Generic[P, R]):
     """A function wrapped by ``@singleflight``: one run per key at a time.
 
@@ -64,6 +74,8 @@ class Singleflight(Generic[P, R]):
         self._key = key
         self.group = group
         self._is_async = inspect.iscoroutinefunction(fn)
+        if self._is_async:
+            _mark_coroutine_function(self)
 
     def _make_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
         if self._key is not None:
@@ -114,11 +126,13 @@ class Singleflight(Generic[P, R]):
 class _BoundSingleflight:
     """A ``Singleflight`` accessed on an instance: the instance is the first argument."""
 
-    __slots__ = ("_sf", "_obj")
+    __slots__ = ("__dict__", "_obj", "_sf")
 
     def __init__(self, sf: Singleflight[..., Any], obj: object) -> None:
         self._sf = sf
         self._obj = obj
+        if sf._is_async:
+            _mark_coroutine_function(self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._sf(self._obj, *args, **kwargs)

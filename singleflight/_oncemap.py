@@ -467,8 +467,14 @@ class OnceMap(Generic[K, V]):
                 elected = None
                 for i, w in enumerate(flight):
                     # A future that is done was cancelled: its caller left. Other waiters
-                    # (threads, trio) leave by taking themselves out of the list.
-                    if w is not FORGOTTEN and (isinstance(w, _Waiter) or not w.done()):
+                    # (threads, trio) leave by taking themselves out of the list. A future
+                    # whose loop is not running cannot act now: it stays a follower and gets
+                    # the value whenever its loop runs again, rather than stranding the rest.
+                    if w is FORGOTTEN:
+                        continue
+                    if isinstance(w, _Waiter) or (
+                        not w.done() and (w._loop is here or w._loop.is_running())
+                    ):
                         elected = flight.pop(i)
                         if isinstance(elected, _Waiter):
                             # Written under the lock: a waiter that fails to leave (because
