@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 import redis.asyncio as aioredis
-from conftest import RedisServer
+from conftest import RedisServer, timeout
 
 from singleflight import singleflight
 from singleflight.aiohttp import SingleflightMiddleware, served
@@ -54,11 +54,11 @@ async def test_httpx_transport_across_two_processes(
         first = [asyncio.create_task(clients[0].get(url)) for _ in range(5)]
         await upstream.wait_for_hits_async(1, "/x")
         second = [asyncio.create_task(clients[1].get(url)) for _ in range(5)]
-        async with asyncio.timeout(5):
+        async with timeout(5):
             while not redis_sync.pubsub_channels():  # the second process follows remotely
                 await asyncio.sleep(0.005)
         upstream.open_gate("x")
-        async with asyncio.timeout(10):
+        async with timeout(10):
             r1 = await asyncio.gather(*first)
             r2 = await asyncio.gather(*second)
         assert Counter(r.extensions["singleflight"] for r in r1) == {"leader": 1, "follower": 4}
@@ -112,7 +112,7 @@ async def test_aiohttp_middleware_across_two_processes(
             return served(response), await response.read()
 
     try:
-        async with asyncio.timeout(10):
+        async with timeout(10):
             results = await asyncio.gather(*(get(s) for s in sessions for _ in range(5)))
             later = await get(sessions[1])
         assert upstream.hits("/a") == 1

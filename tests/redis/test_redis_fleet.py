@@ -133,9 +133,12 @@ def test_sigkill_of_the_fleet_leader_is_taken_over(
 def test_renewal_keeps_one_call_on_a_slow_upstream(
     redis_server: RedisServer, redis_sync: redis.Redis, upstream: LoopbackUpstream
 ) -> None:
-    url = f"{upstream.url}/slow?delay=1.5"
+    # Upstream takes 4 lease periods: without renewal the lease would expire after 1 s and a
+    # follower would call upstream again. (lease_ttl stays well above the scheduling delays
+    # of a loaded CI machine: a renewal that runs 0.7 s late is a lost lease.)
+    url = f"{upstream.url}/slow?delay=4"
     fleet = Fleet(
-        redis_server.url, 4, "--url", url, "--requests", "5", "--lease-ttl", "0.3",
+        redis_server.url, 4, "--url", url, "--requests", "5", "--lease-ttl", "1",
         "--poll-max", "0.2",
     )  # fmt: skip
     results = fleet.run()

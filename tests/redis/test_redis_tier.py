@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio as aioredis
-from conftest import RedisServer, free_port
+from conftest import RedisServer, free_port, timeout
 
 from singleflight import Group
 from singleflight._group import Unshared
@@ -67,8 +67,9 @@ async def make_tier(
 ) -> AsyncIterator[Callable[..., RedisTier]]:
     made: list[tuple[RedisTier, aioredis.Redis]] = []
 
-    def make(**options: Any) -> RedisTier:
-        client = aioredis.Redis(port=redis_server.port)  # one client per "process"
+    def make(client_name: str | None = None, **options: Any) -> RedisTier:
+        # one client per "process"
+        client = aioredis.Redis(port=redis_server.port, client_name=client_name)
         tier = RedisTier(client, **options)
         made.append((tier, client))
         return tier
@@ -83,9 +84,9 @@ def lease_keys(client: redis.Redis) -> list[bytes]:
     return list(client.scan_iter(match="*:lease"))
 
 
-async def no_subscribers(client: redis.Redis, timeout: float = 3.0) -> None:
+async def no_subscribers(client: redis.Redis, seconds: float = 3.0) -> None:
     # UNSUBSCRIBE is sent right after the last waiter of a channel leaves; give it its RTT.
-    async with asyncio.timeout(timeout):
+    async with timeout(seconds):
         while client.pubsub_channels():
             await asyncio.sleep(0.01)
 
@@ -237,11 +238,11 @@ async def test_remote_follower_gets_the_leaders_value(
     lead = asyncio.create_task(a.run("k", work, None, None))
     await work.started.wait()
     follow = asyncio.create_task(b.run("k", work, None, None))
-    async with asyncio.timeout(5):
+    async with timeout(5):
         while b.stats.remote_follows == 0:
             await asyncio.sleep(0.001)
     work.release()
-    async with asyncio.timeout(5):
+    async with timeout(5):
         assert await lead == (b"body", "leader")
         assert await follow == (b"body", "remote")
     assert work.calls == 1
@@ -257,11 +258,11 @@ async def test_uncacheable_values_are_handed_over_not_stored(
     lead = asyncio.create_task(a.run("k", work, None, lambda v: False))
     await work.started.wait()
     follow = asyncio.create_task(b.run("k", work, None, lambda v: False))
-    async with asyncio.timeout(5):
+    async with timeout(5):
         while b.stats.remote_follows == 0:
             await asyncio.sleep(0.001)
     work.release()
-    async with asyncio.timeout(5):
+    async with timeout(5):
         assert (await lead)[1] == "leader"
         assert await follow == ("500 page", "remote")
     assert not list(redis_sync.scan_iter(match="*:v"))
@@ -289,13 +290,13 @@ async def test_leader_error_followers_retry_once(
     await failing.started.wait()
     own = Work("b's own")
     follow = asyncio.create_task(b.run("k", own, None, None))
-    async with asyncio.timeout(5):
+    async with timeout(5):
         while b.stats.remote_follows == 0:
             await asyncio.sleep(0.001)
     failing.release()
     with pytest.raises(RuntimeError, match="upstream down"):
         await lead
-    async with asyncio.timeout(5):
+    async with timeout(5):
         assert await follow == ("b's own", "leader")  # b led the retry flight
     assert failing.calls == 1 and own.calls == 1
     assert lease_keys(redis_sync) == []
@@ -311,11 +312,11 @@ async def test_unshared_value_is_not_stored_and_followers_call_alone(
     await work.started.wait()
     own = Work("b's own")
     follow = asyncio.create_task(b.run("k", own, None, None))
-    async with asyncio.timeout(5):
+    async with timeout(5):
         while b.stats.remote_follows == 0:
             await asyncio.sleep(0.001)
     work.release()
-    async with asyncio.timeout(5):
+    async with timeout(5):
         assert await lead == (secret, "leader")
         assert await follow == ("b's own", "leader")
     assert not list(redis_sync.scan_iter(match="*:v"))
@@ -343,7 +344,9 @@ async def test_unreadable_value_is_a_miss_never_unpickled(
 
     redis_sync.set(keys.value, pickle.dumps(Boom()), px=60_000)
     assert await a.run("k", Work("fresh"), None, None) == ("fresh", "leader")
-    assert decode_record(redis_sync.get(keys.value)).payload == b"sfresh"
+    stored = redis_sync.get(keys.value)
+    assert isinstance(stored, bytes)
+    assert decode_record(stored).payload == b"sfresh"
 
 
 async def test_custom_codec_is_used(make_tier: Callable[..., RedisTier]) -> None:
@@ -370,7 +373,7 @@ async def test_dead_leader_is_taken_over_within_lease_ttl(
     redis_sync.set(keys.lease, "dead-process-token", px=500)  # a leader that will never finish
     work = Work("mine")
     started = time.monotonic()
-    async with asyncio.timeout(5):
+    async with timeout(5):
         assert await b.run("k", work, None, None) == ("mine", "leader")
     assert time.monotonic() - started < 0.5 + 0.2 * 1.2 + 0.3
     assert b.stats.takeovers == 1 and b.stats.remote_follows == 1
@@ -387,12 +390,12 @@ async def test_cancelled_leader_abandons_so_others_take_over_at_once(
     await held.started.wait()
     work = Work("b")
     follow = asyncio.create_task(b.run("k", work, None, None))
-    async with asyncio.timeout(5):
+    async with timeout(5):
         while b.stats.remote_follows == 0:
             await asyncio.sleep(0.001)
     started = time.monotonic()
     lead.cancel()
-    async with asyncio.timeout(3):
+    async with timeout(3):
         assert await follow == ("b", "leader")
     assert time.monotonic() - started < 1.0  # not lease_ttl (10 s), not a poll (5 s)
     assert b.stats.takeovers == 1
@@ -432,7 +435,7 @@ async def test_renewal_keeps_a_slow_leader_alone(
     follow = asyncio.create_task(b.run("k", work, None, None))
     await asyncio.sleep(1.0)  # the thing under test: > 3 lease_ttl of upstream time
     slow.release()
-    async with asyncio.timeout(5):
+    async with timeout(5):
         assert await lead == ("slow", "leader")
         assert await follow == ("slow", "remote")
     assert work.calls == 0 and a.stats.lease_lost == 0 and b.stats.takeovers == 0
@@ -483,7 +486,7 @@ async def test_subscribe_race_is_closed_by_the_recheck(
     assert await lead == ("v", "leader")  # committed and published before b subscribed
     started = time.monotonic()
     go_on.set()
-    async with asyncio.timeout(2):
+    async with timeout(2):
         assert await follow == ("v", "remote")
     assert time.monotonic() - started < 0.5
 
@@ -500,14 +503,14 @@ async def test_followers_finish_by_polling_without_messages(
     lead = asyncio.create_task(a.run("k", held, None, None))
     await held.started.wait()
     follow = asyncio.create_task(b.run("k", Work("unused"), None, None))
-    async with asyncio.timeout(5):
+    async with timeout(5):
         while b.stats.remote_follows == 0:
             await asyncio.sleep(0.001)
     await asyncio.sleep(0.5)  # let b's poll interval reach its max
     held.release()
     await lead
     started = time.monotonic()
-    async with asyncio.timeout(2):
+    async with timeout(2):
         assert await follow == ("v", "remote")
     assert time.monotonic() - started < 0.2 * 1.2 + 0.1
 
@@ -515,19 +518,19 @@ async def test_followers_finish_by_polling_without_messages(
 async def test_one_pubsub_connection_for_many_keys(
     make_tier: Callable[..., RedisTier], redis_sync: redis.Redis
 ) -> None:
-    a, b = make_tier(), make_tier()
+    a, b = make_tier(), make_tier(client_name="process-b")
     works = [Work(f"v{i}", hold=True) for i in range(20)]
     leads = [asyncio.create_task(a.run(f"k{i}", w, None, None)) for i, w in enumerate(works)]
     for w in works:
         await w.started.wait()
     follows = [asyncio.create_task(b.run(f"k{i}", Work("x"), None, None)) for i in range(20)]
-    async with asyncio.timeout(5):
+    async with timeout(5):
         while b.stats.remote_follows < 20:
             await asyncio.sleep(0.001)
         while len(redis_sync.pubsub_channels()) < 20:
             await asyncio.sleep(0.001)
-    subscribers = [c for c in redis_sync.client_list(_type="pubsub") if int(c["sub"]) > 0]
-    assert [int(c["sub"]) for c in subscribers] == [20]  # b's one connection, all 20 channels
+    b_pubsub = [c for c in redis_sync.client_list(_type="pubsub") if c["name"] == "process-b"]
+    assert [int(c["sub"]) for c in b_pubsub] == [20]  # one connection, all 20 channels
     for w in works:
         w.release()
     assert [v for v, _ in await asyncio.gather(*follows)] == [f"v{i}" for i in range(20)]
@@ -553,7 +556,7 @@ async def test_stale_value_is_served_while_one_refresh_runs(
     assert a.stats.refreshes + b.stats.refreshes == 1
     await work.started.wait()
     work.release()
-    async with asyncio.timeout(5):
+    async with timeout(5):
         while redis_sync.exists(keys.lease):
             await asyncio.sleep(0.005)
     assert work.calls == 2
@@ -567,7 +570,7 @@ async def test_without_stale_ttl_an_expired_value_is_a_miss(
     work = Work(lambda n: f"v{n}")
     await a.run("k", work, None, None)
     keys = Keys.of("sf", key_digest("k"))
-    async with asyncio.timeout(2):
+    async with timeout(2):
         while redis_sync.exists(keys.value):
             await asyncio.sleep(max(redis_sync.pttl(keys.value), 1) / 1000)
     assert await a.run("k", work, None, None) == ("v2", "leader")
@@ -585,7 +588,7 @@ async def test_redis_down_falls_back_to_local_coalescing(caplog: pytest.LogCaptu
         calls = [asyncio.create_task(group.do_with_role("k", work)) for _ in range(20)]
         await work.started.wait()
         work.release()
-        async with asyncio.timeout(5):
+        async with timeout(5):
             results = await asyncio.gather(*calls)
         again = await group.do("k2", Work("x"))  # within the back-off: Redis is not tried
     assert work.calls == 1
@@ -643,11 +646,11 @@ async def test_group_roles_with_a_tier(
     first = [asyncio.create_task(g1.do_with_role("user:42", work)) for _ in range(5)]
     await work.started.wait()
     second = [asyncio.create_task(g2.do_with_role("user:42", work)) for _ in range(5)]
-    async with asyncio.timeout(5):
+    async with timeout(5):
         while g2._tier.stats.remote_follows == 0:  # type: ignore[union-attr]
             await asyncio.sleep(0.001)
     work.release()
-    async with asyncio.timeout(5):
+    async with timeout(5):
         r1 = sorted(r for _, r in await asyncio.gather(*first))
         r2 = sorted(r for _, r in await asyncio.gather(*second))
     assert r1 == ["follower"] * 4 + ["leader"]
