@@ -375,7 +375,7 @@ async def test_dead_leader_is_taken_over_within_lease_ttl(
     started = time.monotonic()
     async with timeout(5):
         assert await b.run("k", work, None, None) == ("mine", "leader")
-    assert time.monotonic() - started < 0.5 + 0.2 * 1.2 + 0.3
+    assert time.monotonic() - started < 0.5 + 0.2 * 1.2 + 1.0  # + slack for a loaded machine
     assert b.stats.takeovers == 1 and b.stats.remote_follows == 1
     assert lease_keys(redis_sync) == []
 
@@ -426,14 +426,14 @@ async def test_cancelled_leader_hands_its_lease_to_a_local_reelected_leader(
 async def test_renewal_keeps_a_slow_leader_alone(
     make_tier: Callable[..., RedisTier], redis_sync: redis.Redis
 ) -> None:
-    a = make_tier(lease_ttl=0.3, poll=(0.05, 0.1))
-    b = make_tier(lease_ttl=0.3, poll=(0.05, 0.1))
+    a = make_tier(lease_ttl=0.6, poll=(0.05, 0.1))
+    b = make_tier(lease_ttl=0.6, poll=(0.05, 0.1))
     slow = Work(hold=True, value="slow")
     lead = asyncio.create_task(a.run("k", slow, None, None))
     await slow.started.wait()
     work = Work("b")
     follow = asyncio.create_task(b.run("k", work, None, None))
-    await asyncio.sleep(1.0)  # the thing under test: > 3 lease_ttl of upstream time
+    await asyncio.sleep(2.0)  # the thing under test: > 3 lease_ttl of upstream time
     slow.release()
     async with timeout(5):
         assert await lead == ("slow", "leader")
@@ -488,7 +488,7 @@ async def test_subscribe_race_is_closed_by_the_recheck(
     go_on.set()
     async with timeout(2):
         assert await follow == ("v", "remote")
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 1.0  # far below the 5 s poll: the re-check saw it
 
 
 async def test_followers_finish_by_polling_without_messages(
@@ -512,7 +512,7 @@ async def test_followers_finish_by_polling_without_messages(
     started = time.monotonic()
     async with timeout(2):
         assert await follow == ("v", "remote")
-    assert time.monotonic() - started < 0.2 * 1.2 + 0.1
+    assert time.monotonic() - started < 0.2 * 1.2 + 0.5  # one max poll (+ slack)
 
 
 async def test_one_pubsub_connection_for_many_keys(
