@@ -156,12 +156,15 @@ class SingleflightMiddleware:
         # aiohttp decodes Content-Encoding in its parser when the session says so: a decoded
         # body must never reach a session that expects raw bytes, nor the reverse.
         extra = ("decoded",) if req.session.auto_decompress else ("raw",)
-        try:
-            return options.key_for(req, method, str(req.url), headers, extra)
-        except UnicodeEncodeError:
-            # aiohttp sends non-latin-1 header values as UTF-8; hash them the same way.
-            raw = [(n, v.encode("utf-8", "surrogateescape")) for n, v in req.headers.items()]
-            return options.key_for(req, method, str(req.url), raw, extra)
+        url = req.url
+        if url.raw_user or url.raw_password:  # the session moves these to Authorization first
+            return options.key_for(req, method, str(url), headers, extra)
+        # yarl has normalised it already (lower-case scheme and host, no default port, no
+        # fragment), except that a bare "http://host" keeps its empty path.
+        text = str(url)
+        if text.count("/") == 2:
+            text += "/"
+        return options.key_for(req, method, text, headers, extra, userinfo="")
 
     async def _share(
         self, req: ClientRequest, resp: ClientResponse

@@ -38,8 +38,8 @@ async def make_session() -> AsyncIterator[SessionFactory]:
 
     def make(mw: SingleflightMiddleware | None = None, **kwargs: Any) -> aiohttp.ClientSession:
         kwargs.setdefault("cookie_jar", aiohttp.CookieJar(unsafe=True))  # cookies from 127.0.0.1
-        middlewares = (mw,) if mw is not None else ()
-        session = aiohttp.ClientSession(middlewares=middlewares, **kwargs)
+        kwargs.setdefault("middlewares", (mw,) if mw is not None else ())
+        session = aiohttp.ClientSession(**kwargs)
         sessions.append(session)
         return session
 

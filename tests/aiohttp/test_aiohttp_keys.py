@@ -179,3 +179,40 @@ async def test_non_latin1_header_values_are_keyed(upstream, make_session):
     await _burst(
         upstream, mw, session, "/utf", [{"X-Name": v} for v in ("€", "€", "☃")], followers=1, hits=2
     )
+
+
+async def test_equivalent_urls_share_a_flight(upstream, make_session):
+    mw = SingleflightMiddleware()
+    session = make_session(mw)
+    base = upstream.url  # http://127.0.0.1:PORT
+    urls = [
+        f"{base}?gate=root",
+        f"{base}/?gate=root",
+        base.upper().replace("HTTP", "http") + "/?gate=root#frag",
+    ]
+    tasks = [asyncio.create_task(session.get(u)) for u in urls]
+    await upstream.wait_for_hits_async(1, "/")
+    await joined(mw, 2)
+    upstream.open_gate("root")
+    responses = await bounded(asyncio.gather(*tasks))
+    assert upstream.hits("/") == 1
+    assert sorted(served(r) for r in responses) == ["follower", "follower", "leader"]
+
+
+async def test_the_key_keeps_the_shared_policy(upstream, make_session):
+    # The fast path (yarl's normalised URL) must give the policy's own normalised URL.
+    from singleflight._http import normalise_url
+
+    keys = []
+
+    async def spy(req, handler):
+        keys.append((mw._key(req), normalise_url(str(req.original_url))))
+        return await handler(req)
+
+    mw = SingleflightMiddleware()
+    session = make_session(None, middlewares=(spy,))
+    for path in ("", "/", "/a/../b?x=%2F&y=1", "/%7euser"):
+        async with session.get(upstream.url + path) as resp:
+            await resp.read()
+    for key, normal in keys:
+        assert key.url == normal
