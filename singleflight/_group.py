@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar, cast, final
 
+from ._observe import note_reelection
 from ._oncemap import (
     ALONE,
     ERROR,
@@ -69,7 +70,8 @@ class Stats:
 
     ``calls == leaders + followers + cache_hits``: every call is counted once, by how it
     ended up being served. ``errors`` counts flights whose work raised (cancellations and
-    re-elections excluded).
+    re-elections excluded); ``reelections`` counts flights a leader handed to a follower
+    (cancelled, timed out); ``bypasses`` counts requests an HTTP adapter let straight through.
     """
 
     calls: int
@@ -77,6 +79,8 @@ class Stats:
     followers: int
     cache_hits: int
     errors: int
+    reelections: int = 0
+    bypasses: int = 0
 
 
 @final
@@ -172,7 +176,9 @@ class Group(Generic[V]):
     def stats(self) -> Stats:
         """A snapshot of the counters (see ``Stats``)."""
         leaders, followers, hits = self._leaders, self._followers, self._cache_hits
-        return Stats(leaders + followers + hits, leaders, followers, hits, self._errors)
+        return Stats(
+            leaders + followers + hits, leaders, followers, hits, self._errors, self._reelections
+        )
 
     @property
     def cache(self) -> MutableMapping[Any, V] | None:
@@ -276,6 +282,7 @@ class Group(Generic[V]):
             # Its own cancellation or deadline, or its coroutine closed with its loop: not an
             # outcome the followers should see. One of them leads the flight from here.
             self._reelections += 1
+            note_reelection(key, exc)
             self._map.handover(key, flight)
         else:
             self._errors += 1

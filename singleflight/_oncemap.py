@@ -34,6 +34,7 @@ from types import FrameType
 from typing import Any, Final, Generic, TypeAlias, TypeVar, cast
 
 from ._errors import FlightAbandoned, ReentrancyError
+from ._observe import note_flight
 
 __all__ = ("OnceMap",)
 
@@ -529,4 +530,5 @@ class OnceMap(Generic[K, V]):
                         break
             waiters = list(flight)
             flight.clear()  # no reference to waiters (and their values) outlives the flight
+        note_flight(key, len(waiters))
         wake(waiters, kind, payload)
