@@ -44,7 +44,7 @@ def assert_clean(client: redis.Redis, *secrets: str) -> None:
             assert secret not in name, (secret, name)
 
 
-@pytest.mark.parametrize("mode", ["httpx", "group"])
+@pytest.mark.parametrize("mode", ["httpx", "aiohttp", "group"])
 def test_six_processes_one_upstream_call(
     redis_server: RedisServer, redis_sync: redis.Redis, upstream: LoopbackUpstream, mode: str
 ) -> None:
@@ -59,6 +59,26 @@ def test_six_processes_one_upstream_call(
     assert counts["follower"] + counts["remote"] + counts["shared"] == 119, counts
     assert sum(w["stats"]["fleet_leads"] for w in results) == 1
     assert_clean(redis_sync, "fleet", "127.0.0.1")
+
+
+def test_errors_and_error_statuses_across_the_fleet(
+    redis_server: RedisServer, redis_sync: redis.Redis, upstream: LoopbackUpstream
+) -> None:
+    # A 500 is a response like any other: one call, shared with the fleet, never cached.
+    url = f"{upstream.url}/500?status=500&delay=0.3"
+    results = Fleet(redis_server.url, 4, "--url", url, "--requests", "5").run()
+    assert upstream.hits("/500") == 1
+    assert {r["status"] for w in results for r in w["results"]} == {500}
+    assert not list(redis_sync.scan_iter(match="*:v"))
+    # A connection reset is an exception: it does not travel between processes. Remote
+    # followers try one more flight, then make their own call, so every caller gets its own
+    # error and upstream sees at most one call per process plus the retry.
+    url = f"{upstream.url}/reset?reset=10&delay=0.3"
+    results = Fleet(redis_server.url, 4, "--url", url, "--requests", "5").run()
+    errors = {r.get("error") for w in results for r in w["results"]}
+    assert errors == {"RemoteProtocolError"}, errors
+    assert 1 <= upstream.hits("/reset") <= 4 + 1
+    assert_clean(redis_sync, "reset", "500")
 
 
 def test_different_credentials_one_call_each(

@@ -1,7 +1,8 @@
 """A fleet worker: ``python -m tests.redis.worker ...`` (one OS process of the fleet tests).
 
 It builds an httpx client with ``AsyncSingleflightTransport(tier=RedisTier(...))`` (``--mode
-httpx``) or a ``Group(tier=...)`` around a plain httpx GET (``--mode group``), tells the test it
+httpx``), an aiohttp session with ``SingleflightMiddleware(tier=...)`` (``--mode aiohttp``) or a
+``Group(tier=...)`` around a plain httpx GET (``--mode group``), tells the test it
 is ready (RPUSH ``--ready``), waits on the start gate (BLPOP ``--gate``, or a line on stdin with
 ``--gate -``: no sleeps), fires ``--requests`` concurrent GETs and prints one JSON line: how each
 request was served, its body, when it ended, and the tier's stats.
@@ -18,10 +19,12 @@ import sys
 import time
 from typing import Any
 
+import aiohttp
 import httpx
 import redis.asyncio as aioredis
 
 from singleflight import Group
+from singleflight.aiohttp import SingleflightMiddleware, served
 from singleflight.httpx import AsyncSingleflightTransport
 from singleflight.redis import RedisTier
 
@@ -32,7 +35,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--url", required=True)
     p.add_argument("--auth", default=None)
     p.add_argument("--requests", type=int, default=20)
-    p.add_argument("--mode", choices=("httpx", "group"), default="httpx")
+    p.add_argument("--mode", choices=("httpx", "aiohttp", "group"), default="httpx")
     p.add_argument("--namespace", default="sf")
     p.add_argument("--ttl", default="30")
     p.add_argument("--stale-ttl", type=float, default=0.0)
@@ -62,27 +65,39 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.auth:
         headers["authorization"] = args.auth
     group: Group[Any] | None = None
+    session: aiohttp.ClientSession | None = None
     if args.mode == "httpx":
         transport = AsyncSingleflightTransport(tier=tier)
         http = httpx.AsyncClient(transport=transport, timeout=30)
     else:
         http = httpx.AsyncClient(timeout=30)
-        group = Group(tier=tier)
+        if args.mode == "group":
+            group = Group(tier=tier)
+        else:
+            session = aiohttp.ClientSession(middlewares=(SingleflightMiddleware(tier=tier),))
 
-    async def one() -> dict[str, Any]:
+    async def request() -> dict[str, Any]:
+        if session is not None:
+            async with session.get(args.url, headers=headers) as resp:
+                return {"role": served(resp), "status": resp.status, "body": await resp.text()}
         if group is None:
             response = await http.get(args.url, headers=headers)
             role = response.extensions.get("singleflight")
-            body = response.text
-        else:
+            return {"role": role, "status": response.status_code, "body": response.text}
 
-            async def fetch() -> dict[str, Any]:
-                r = await http.get(args.url, headers=headers)
-                return {"status": r.status_code, "body": r.text}
+        async def fetch() -> dict[str, Any]:
+            r = await http.get(args.url, headers=headers)
+            return {"status": r.status_code, "body": r.text}
 
-            value, role = await group.do_with_role((args.url, args.auth), fetch)
-            body = value["body"]
-        return {"role": role, "body": body, "t_end": time.time()}
+        value, role = await group.do_with_role((args.url, args.auth), fetch)
+        return {"role": role, **value}
+
+    async def one() -> dict[str, Any]:
+        try:
+            result = await request()
+        except Exception as exc:  # reported, not raised: the test checks every caller
+            result = {"role": None, "status": None, "body": None, "error": type(exc).__name__}
+        return {**result, "t_end": time.time()}
 
     try:
         if args.ready:
@@ -106,6 +121,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         }
     finally:
         await http.aclose()
+        if session is not None:
+            await session.close()
         if tier is not None:
             await tier.aclose()
         await client.aclose()
