@@ -167,12 +167,22 @@ class LoopbackUpstream:
             return [r for r in self._requests if path is None or r.path == path]
 
     def reset(self) -> None:
-        """reset zeroes the hit counters, forgets recorded requests and closes every gate."""
+        """reset zeroes the hit counters, forgets recorded requests and resets every gate.
+
+        Requests still held by a gate are released first; later ones wait for a new
+        ``open_gate``.
+        """
         with self._cond:
             self._hits.clear()
             self._requests.clear()
         if self._loop is not None:
-            self._call(self._gates.clear)
+            self._call(self._release_gates)
+
+    def _release_gates(self) -> None:
+        """Open every gate (so no held request outlives a test), then forget them all."""
+        for gate in self._gates.values():
+            gate.set()
+        self._gates.clear()
 
     def open_gate(self, name: str) -> None:
         """open_gate releases every request held by ``gate=name``, now and later."""
@@ -230,7 +240,7 @@ class LoopbackUpstream:
         with self._cond:
             self._hits.clear()
             self._requests.clear()
-        self._gates.clear()
+        self._release_gates()
         return web.json_response({"reset": True})
 
     async def _control_gate(self, request: web.Request) -> web.Response:

@@ -95,3 +95,14 @@ def test_command_line_serves_and_prints_its_url():
         proc.terminate()
         proc.wait(10)
         proc.stdout.close()
+
+
+def test_reset_releases_held_requests(upstream):
+    with httpx.Client(base_url=upstream.url, timeout=10) as c:
+        result = []
+        thread = threading.Thread(target=lambda: result.append(c.get("/held?gate=x").status_code))
+        thread.start()
+        upstream.wait_for_hits(1, "/held")
+        upstream.reset()
+        thread.join(5)
+        assert result == [200]
