@@ -674,3 +674,41 @@ async def test_no_raw_key_in_redis(
     for name in names:
         raw = redis_sync.get(name) or b""
         assert b"s3cr3t" not in raw and b"hunter2" not in raw
+
+
+async def test_killed_pubsub_connection_recovers_and_leaves_no_subscription(
+    make_tier: Callable[..., RedisTier], redis_sync: redis.Redis
+) -> None:
+    a = make_tier()
+    b = make_tier(poll=(0.05, 0.3))
+
+    async def follow_one(key: str, value: str, kill: bool) -> None:
+        channel = Keys.of("sf", key_digest(key)).channel.encode()
+        held = Work(value, hold=True)
+        lead = asyncio.create_task(a.run(key, held, None, None))
+        await held.started.wait()
+        follow = asyncio.create_task(b.run(key, Work("unused"), None, None))
+        async with timeout(5):
+            while channel not in redis_sync.pubsub_channels():
+                await asyncio.sleep(0.005)
+        if kill:
+            assert redis_sync.client_kill_filter(_type="pubsub") == 1
+        held.release()
+        async with timeout(5):
+            assert await lead == (value, "leader")
+            assert await follow == (value, "remote")
+
+    await follow_one("k", "v", kill=True)  # finishes (message or poll) on a new connection
+    await follow_one("k2", "w", kill=False)  # and the dispatcher still works afterwards
+    await no_subscribers(redis_sync)  # a re-subscription after the reconnect is dropped again
+
+
+def test_public_surface() -> None:
+    import singleflight.redis as facade
+
+    assert facade.__all__ == tuple(sorted(facade.__all__))
+    for name in facade.__all__:
+        assert getattr(facade, name).__module__ == "singleflight.redis"
+    assert repr(RedisTier(aioredis.Redis(), ttl=5.0)) == (
+        "RedisTier(namespace='sf', ttl=5.0, stale_ttl=0.0, lease_ttl=10.0)"
+    )
