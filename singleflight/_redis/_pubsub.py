@@ -165,19 +165,21 @@ class Subscriptions:
         return True
 
     async def _flush(self) -> None:
+        # Loops until nothing is idle: channels released while an UNSUBSCRIBE is on its way
+        # are not lost (release() starts no second flusher while this one runs).
         async with self._lock:
-            idle = [c for c in self._subscribed if c not in self._listeners]
-            if not idle or self._pubsub is None:  # nothing to do, or closed
-                return
-            self._subscribed.difference_update(idle)
-            try:
-                async with deadline(self._send_timeout):
-                    await self._pubsub.unsubscribe(*idle)
-            except (
-                RedisError,
-                OSError,
-            ) as exc:  # the server drops subscriptions of a dead connection
-                log.debug("singleflight: UNSUBSCRIBE failed: %r", exc)
+            while True:
+                idle = [c for c in self._subscribed if c not in self._listeners]
+                if not idle or self._pubsub is None:  # nothing to do, or closed
+                    return
+                self._subscribed.difference_update(idle)
+                try:
+                    async with deadline(self._send_timeout):
+                        await self._pubsub.unsubscribe(*idle)
+                except (RedisError, OSError) as exc:
+                    # Redis drops the subscriptions of a dead connection; redis-py would
+                    # re-subscribe them on reconnect, and _read() drops them again.
+                    log.debug("singleflight: UNSUBSCRIBE failed: %r", exc)
 
     async def _read(self) -> None:
         pubsub = self._pubsub
