@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 
@@ -28,3 +29,13 @@ def pool_is_idle(transport: object) -> bool:
     """True if an httpx HTTP transport's pool has no request queued and no connection busy."""
     pool = transport._pool  # type: ignore[attr-defined]
     return not pool._requests and all(c.is_idle() or c.is_closed() for c in pool.connections)
+
+
+@contextlib.asynccontextmanager
+async def bounded(seconds: float = 10.0) -> AsyncIterator[None]:
+    """Fail (TimeoutError) if the block takes longer than ``seconds``: a hang fails fast.
+
+    ``asyncio.timeout`` needs Python 3.11; this works on 3.10 and on trio too.
+    """
+    with anyio.fail_after(seconds):
+        yield

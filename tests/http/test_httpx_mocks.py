@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from http_helpers import wait_until, wait_until_sync
+from http_helpers import bounded, wait_until, wait_until_sync
 
 from singleflight.httpx import AsyncSingleflightTransport, SingleflightTransport
 
@@ -29,7 +29,7 @@ async def test_pytest_httpx_one_registered_response_serves_every_caller(httpx_mo
 
     httpx_mock.add_callback(respond, url=URL)  # single use: a second request would fail
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), httpx.AsyncClient(transport=t) as c:
+    async with bounded(10), httpx.AsyncClient(transport=t) as c:
         tasks = [asyncio.ensure_future(c.get(URL)) for _ in range(50)]
         await wait_until(lambda: t.stats.calls == 50)
         release.set()
@@ -52,7 +52,7 @@ async def test_pytest_httpx_add_response_with_gzip(httpx_mock):
 
     httpx_mock.add_callback(respond, url=URL)
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), httpx.AsyncClient(transport=t) as c:
+    async with bounded(10), httpx.AsyncClient(transport=t) as c:
         tasks = [asyncio.ensure_future(c.get(URL)) for _ in range(20)]
         await wait_until(lambda: t.stats.calls == 20)
         release.set()
@@ -66,7 +66,7 @@ async def test_pytest_httpx_separate_credentials(httpx_mock):
     httpx_mock.add_response(url=URL, match_headers={"Authorization": "a"}, text="for a")
     httpx_mock.add_response(url=URL, match_headers={"Authorization": "b"}, text="for b")
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), httpx.AsyncClient(transport=t) as c:
+    async with bounded(10), httpx.AsyncClient(transport=t) as c:
         ra, rb = await asyncio.gather(
             c.get(URL, headers={"Authorization": "a"}), c.get(URL, headers={"Authorization": "b"})
         )
@@ -88,7 +88,7 @@ async def test_pytest_httpx_timeout_reelects(httpx_mock):
 
     httpx_mock.add_callback(slow_then_fine, url=URL, is_reusable=True)
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), httpx.AsyncClient(transport=t) as c:
+    async with bounded(10), httpx.AsyncClient(transport=t) as c:
         tasks = [asyncio.ensure_future(c.get(URL)) for _ in range(5)]
         await wait_until(lambda: t.stats.calls == 5)
         release.set()
@@ -135,7 +135,7 @@ async def test_over_mock_transport_keeps_raw_bytes():
         )
 
     t = AsyncSingleflightTransport(httpx.MockTransport(handler), ttl=60)
-    async with asyncio.timeout(10), httpx.AsyncClient(transport=t) as c:
+    async with bounded(10), httpx.AsyncClient(transport=t) as c:
         responses = await asyncio.gather(*[c.get(URL) for _ in range(10)])
         cached = await c.get(URL)
     assert len(calls) == 1

@@ -9,7 +9,7 @@ import zlib
 
 import httpx
 import pytest
-from http_helpers import pool_is_idle, wait_until
+from http_helpers import bounded, pool_is_idle, wait_until
 
 from singleflight import Group
 from singleflight.httpx import (
@@ -32,7 +32,7 @@ async def burst(c: httpx.AsyncClient, transport, n: int, url: str, **kw) -> list
 
 async def test_1000_concurrent_identical_gets_make_one_upstream_call(upstream):
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(30), client(t, upstream) as c:
+    async with bounded(30), client(t, upstream) as c:
         tasks = [asyncio.ensure_future(c.get("/burst?gate=g1")) for _ in range(1000)]
         await wait_until(lambda: t.stats.calls == 1000, timeout=20)
         upstream.open_gate("g1")
@@ -56,7 +56,7 @@ async def test_1000_concurrent_identical_gets_make_one_upstream_call(upstream):
 
 async def test_each_response_is_bound_to_its_own_request(upstream):
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         tasks = [
             asyncio.ensure_future(c.get("/own?gate=g", headers={"traceparent": f"00-{i:032x}-01"}))
             for i in range(5)
@@ -75,7 +75,7 @@ async def test_each_response_is_bound_to_its_own_request(upstream):
 async def test_credentials_separate_callers_without_cross_talk(upstream, header):
     t = AsyncSingleflightTransport()
     users = ["alice", "bob", "carol"]
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         tasks = {
             user: [
                 asyncio.ensure_future(c.get("/who?gate=w", headers={header: f"{user}-token"}))
@@ -99,7 +99,7 @@ async def test_credentials_separate_callers_without_cross_talk(upstream, header)
 async def test_compressed_bodies_decode_exactly_once(upstream, encoding, chunked):
     t = AsyncSingleflightTransport()
     url = f"/z?encoding={encoding}&chunked={chunked}&gate=z"
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         tasks = [asyncio.ensure_future(c.get(url)) for _ in range(8)]
         await wait_until(lambda: t.stats.calls == 8)
         upstream.open_gate("z")
@@ -123,7 +123,7 @@ async def test_streaming_callers_read_the_shared_body(upstream):
         async with c.stream("GET", "/lines?size=5000&gate=s") as r:
             return r.extensions["singleflight"], b"".join([b async for b in r.aiter_bytes()])
 
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         tasks = [asyncio.ensure_future(stream_one(c)) for _ in range(5)]
         await wait_until(lambda: t.stats.calls == 5)
         upstream.open_gate("s")
@@ -135,7 +135,7 @@ async def test_streaming_callers_read_the_shared_body(upstream):
 
 async def test_set_cookie_goes_to_the_leader_only(upstream):
     t = AsyncSingleflightTransport(ttl=60)
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         tasks = [asyncio.ensure_future(c.get("/login?set_cookie=sid=abc&gate=c")) for _ in range(5)]
         await wait_until(lambda: t.stats.calls == 5)
         upstream.open_gate("c")
@@ -153,7 +153,7 @@ async def test_set_cookie_goes_to_the_leader_only(upstream):
 
 async def test_event_stream_is_streamed_to_its_leader_never_buffered(upstream):
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         async with c.stream("GET", "/sse?sse=3&hold=h") as r:
             assert r.headers["content-type"] == "text/event-stream"
             assert r.extensions["singleflight"] == "leader"
@@ -168,7 +168,7 @@ async def test_event_stream_is_streamed_to_its_leader_never_buffered(upstream):
 
 async def test_accept_event_stream_bypasses(upstream):
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         r = await c.get("/sse?sse=2", headers={"Accept": "text/event-stream"})
     assert r.text == "data: 0\n\ndata: 1\n\n"
     assert "singleflight" not in r.extensions and t.stats.calls == 0
@@ -178,7 +178,7 @@ async def test_accept_event_stream_bypasses(upstream):
 async def test_oversized_bodies_are_not_shared(upstream, chunked):
     t = AsyncSingleflightTransport(max_body_size=10_000)
     url = f"/big?size=50000&chunked={chunked}&gate=b"
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         tasks = [asyncio.ensure_future(c.get(url)) for _ in range(4)]
         await wait_until(lambda: t.stats.calls == 4)
         upstream.open_gate("b")
@@ -194,7 +194,7 @@ async def test_oversized_bodies_are_not_shared(upstream, chunked):
 
 async def test_head_is_shared_whatever_its_content_length(upstream):
     t = AsyncSingleflightTransport(max_body_size=10)
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         tasks = [asyncio.ensure_future(c.head("/hd?size=5000&gate=hd")) for _ in range(3)]
         await wait_until(lambda: t.stats.calls == 3)
         upstream.open_gate("hd")
@@ -206,7 +206,7 @@ async def test_head_is_shared_whatever_its_content_length(upstream):
 
 async def test_5xx_is_shared_from_one_hit_and_not_cached(upstream):
     t = AsyncSingleflightTransport(ttl=60)
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         tasks = [asyncio.ensure_future(c.get("/down?status=503&gate=d")) for _ in range(20)]
         await wait_until(lambda: t.stats.calls == 20)
         upstream.open_gate("d")
@@ -220,7 +220,7 @@ async def test_5xx_is_shared_from_one_hit_and_not_cached(upstream):
 
 async def test_transport_errors_are_shared_as_fresh_exceptions(upstream):
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         tasks = [asyncio.ensure_future(c.get("/reset?reset=100&gate=r")) for _ in range(5)]
         await wait_until(lambda: t.stats.calls == 5)
         upstream.open_gate("r")
@@ -236,7 +236,7 @@ async def test_transport_errors_are_shared_as_fresh_exceptions(upstream):
 
 async def test_connection_refused_reaches_every_caller():
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), httpx.AsyncClient(transport=t) as c:
+    async with bounded(10), httpx.AsyncClient(transport=t) as c:
         results = await asyncio.gather(
             *[c.get("http://127.0.0.1:9/nothing") for _ in range(3)], return_exceptions=True
         )
@@ -245,7 +245,7 @@ async def test_connection_refused_reaches_every_caller():
 
 async def test_leader_timeout_reelects_a_follower(upstream):
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         leader = asyncio.ensure_future(c.get("/slow?gate=t", timeout=0.2))
         await upstream.wait_for_hits_async(1, "/slow")
         followers = [asyncio.ensure_future(c.get("/slow?gate=t", timeout=5)) for _ in range(5)]
@@ -267,7 +267,7 @@ async def test_leader_timeout_reelects_a_follower(upstream):
 
 async def test_follower_enforces_its_own_timeout(upstream):
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         leader = asyncio.ensure_future(c.get("/patient?gate=p", timeout=5))
         await upstream.wait_for_hits_async(1, "/patient")
         impatient = asyncio.ensure_future(c.get("/patient?gate=p", timeout=0.1))
@@ -283,7 +283,7 @@ async def test_follower_enforces_its_own_timeout(upstream):
 async def test_follower_reelected_late_gets_its_full_timeout(upstream):
     # A follower's deadline covers its waiting only: once it leads, httpx's timeouts apply.
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         leader = asyncio.ensure_future(c.get("/late?gate=l", timeout=0.3))
         await upstream.wait_for_hits_async(1, "/late")
         follower = asyncio.ensure_future(c.get("/late?gate=l", timeout=0.5))
@@ -299,7 +299,7 @@ async def test_follower_reelected_late_gets_its_full_timeout(upstream):
 
 async def test_leader_cancellation_reelects(upstream):
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         leader = asyncio.ensure_future(c.get("/cancel?gate=x"))
         await upstream.wait_for_hits_async(1, "/cancel")
         followers = [asyncio.ensure_future(c.get("/cancel?gate=x")) for _ in range(4)]
@@ -316,7 +316,7 @@ async def test_leader_cancellation_reelects(upstream):
 
 async def test_follower_cancellation_affects_it_alone(upstream):
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         tasks = [asyncio.ensure_future(c.get("/fc?gate=f")) for _ in range(3)]
         await wait_until(lambda: t.stats.calls == 3)
         tasks[1].cancel()
@@ -340,7 +340,7 @@ async def test_follower_cancellation_affects_it_alone(upstream):
 )
 async def test_bypassed_requests_go_straight_through(upstream, method, kwargs):
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         responses = await asyncio.gather(
             *[c.request(method, "/by?delay=0.05", **kwargs) for _ in range(3)]
         )
@@ -351,7 +351,7 @@ async def test_bypassed_requests_go_straight_through(upstream, method, kwargs):
 
 async def test_methods_option(upstream):
     t = AsyncSingleflightTransport(methods=("GET",))
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         await asyncio.gather(*[c.head("/m?delay=0.05") for _ in range(3)])
         assert upstream.hits("/m") == 3
         await burst(c, t, 3, "/m?delay=0.05")
@@ -360,7 +360,7 @@ async def test_methods_option(upstream):
 
 async def test_head_and_get_do_not_share(upstream):
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         get = asyncio.ensure_future(c.get("/hg?gate=hg"))
         head = asyncio.ensure_future(c.head("/hg?gate=hg"))
         await wait_until(lambda: t.stats.calls == 2)
@@ -375,7 +375,7 @@ async def test_head_and_get_do_not_share(upstream):
 async def test_conditional_and_range_requests_stay_apart(upstream, status):
     t = AsyncSingleflightTransport()
     headers = {"If-None-Match": '"v1"'} if status == 304 else {"Range": "bytes=0-9"}
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         cond = asyncio.ensure_future(c.get(f"/cond?status={status}&gate=k", headers=headers))
         plain = asyncio.ensure_future(c.get("/cond?status=200&gate=k"))
         conds = [
@@ -392,7 +392,7 @@ async def test_conditional_and_range_requests_stay_apart(upstream, status):
 
 async def test_redirect_hops_are_coalesced_one_by_one(upstream):
     t = AsyncSingleflightTransport()
-    async with asyncio.timeout(10), client(t, upstream, follow_redirects=True) as c:
+    async with bounded(10), client(t, upstream, follow_redirects=True) as c:
         tasks = [
             asyncio.ensure_future(c.get("/hop?redirect=/final%3Fgate%3Dr&gate=r0"))
             for _ in range(5)
@@ -418,7 +418,7 @@ async def test_no_connections_held_after_a_mixed_burst(upstream):
         "/mix?delay=0.02&status=500",
         "/mix?sse=2",
     ]
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         results = await asyncio.gather(
             *[c.get(u) for u in urls for _ in range(20)], return_exceptions=True
         )
@@ -430,7 +430,7 @@ async def test_no_connections_held_after_a_mixed_burst(upstream):
 async def test_group_shared_between_transports_and_clients(upstream):
     first = AsyncSingleflightTransport(ttl=60)
     second = AsyncSingleflightTransport(group=first.group)
-    async with asyncio.timeout(10), client(first, upstream) as c1, client(second, upstream) as c2:
+    async with bounded(10), client(first, upstream) as c1, client(second, upstream) as c2:
         tasks = [asyncio.ensure_future(c.get("/g2?gate=g2")) for c in (c1, c2) for _ in range(3)]
         await wait_until(lambda: first.stats.calls == 6)
         upstream.open_gate("g2")
@@ -442,7 +442,7 @@ async def test_group_shared_between_transports_and_clients(upstream):
 
 async def test_custom_key_and_ignore_headers(upstream):
     t = AsyncSingleflightTransport(key=lambda request: request.url.path)
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         a = asyncio.ensure_future(c.get("/ck?gate=ck&v=1"))
         b = asyncio.ensure_future(c.get("/ck?gate=ck&v=2"))
         await wait_until(lambda: t.stats.calls == 2)
@@ -451,7 +451,7 @@ async def test_custom_key_and_ignore_headers(upstream):
     assert upstream.hits("/ck") == 1 and ra.content == rb.content
 
     t2 = AsyncSingleflightTransport(ignore_headers=DEFAULT_IGNORE_HEADERS | {"x-noise"})
-    async with asyncio.timeout(10), client(t2, upstream) as c:
+    async with bounded(10), client(t2, upstream) as c:
         tasks = [
             asyncio.ensure_future(c.get("/ih?gate=ih", headers={"X-Noise": str(i)}))
             for i in range(3)
@@ -464,7 +464,7 @@ async def test_custom_key_and_ignore_headers(upstream):
 
 async def test_key_returning_none_bypasses(upstream):
     t = AsyncSingleflightTransport(key=lambda request: None)
-    async with asyncio.timeout(10), client(t, upstream) as c:
+    async with bounded(10), client(t, upstream) as c:
         await asyncio.gather(*[c.get("/kn?delay=0.05") for _ in range(3)])
     assert upstream.hits("/kn") == 3 and t.stats.calls == 0
 
@@ -489,7 +489,7 @@ async def test_reentrant_request_goes_on_its_own(upstream):
             await self.real.aclose()
 
     outer = AsyncSingleflightTransport(Nested())
-    async with asyncio.timeout(10), client(outer, upstream) as c:
+    async with bounded(10), client(outer, upstream) as c:
         r = await c.get("/nest")
     assert r.status_code == 200 and upstream.hits("/nest") == 2
 

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 from cachetools import TTLCache
-from http_helpers import wait_until
+from http_helpers import bounded, wait_until
 
 from singleflight.httpx import AsyncSingleflightTransport, SingleflightTransport
 
@@ -32,7 +32,7 @@ def test_ttl_builds_a_ttl_cache():
 async def test_cached_until_expiry_then_a_second_hit(upstream):
     clock = Clock()
     t = AsyncSingleflightTransport(cache=TTLCache(maxsize=16, ttl=5, timer=clock))
-    async with asyncio.timeout(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
+    async with bounded(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
         first = await c.get("/ttl")
         clock.now = 4.9
         second = await c.get("/ttl", headers={"traceparent": "00-other-01"})
@@ -50,7 +50,7 @@ async def test_cached_until_expiry_then_a_second_hit(upstream):
 async def test_ttl_counts_from_completion(upstream):
     clock = Clock()
     t = AsyncSingleflightTransport(cache=TTLCache(maxsize=16, ttl=5, timer=clock))
-    async with asyncio.timeout(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
+    async with bounded(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
         pending = asyncio.ensure_future(c.get("/done?gate=done"))
         await upstream.wait_for_hits_async(1, "/done")
         clock.now = 100.0  # the response takes "100 s" to arrive
@@ -64,7 +64,7 @@ async def test_ttl_counts_from_completion(upstream):
 
 async def test_cached_compressed_body_still_decodes_once(upstream):
     t = AsyncSingleflightTransport(ttl=60)
-    async with asyncio.timeout(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
+    async with bounded(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
         first = await c.get("/gz?encoding=gzip")
         again = await c.get("/gz?encoding=gzip")
     assert again.extensions["singleflight"] == "cache"
@@ -90,7 +90,7 @@ async def test_cached_compressed_body_still_decodes_once(upstream):
 )
 async def test_never_cached(upstream, query, headers):
     t = AsyncSingleflightTransport(ttl=60)
-    async with asyncio.timeout(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
+    async with bounded(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
         for _ in range(2):
             r = await c.get(f"/nc?{query}", headers=headers)
             assert r.extensions["singleflight"] == "leader"
@@ -100,7 +100,7 @@ async def test_never_cached(upstream, query, headers):
 @pytest.mark.parametrize("status", [200, 203, 204, 300, 301, 404, 405, 410, 414, 501])
 async def test_cacheable_statuses_are_cached(upstream, status):
     t = AsyncSingleflightTransport(ttl=60)
-    async with asyncio.timeout(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
+    async with bounded(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
         await c.get(f"/ok?status={status}")
         r = await c.get(f"/ok?status={status}")
     assert r.status_code == status and r.extensions["singleflight"] == "cache"
@@ -109,7 +109,7 @@ async def test_cacheable_statuses_are_cached(upstream, status):
 
 async def test_maxsize_bounds_the_cache(upstream):
     t = AsyncSingleflightTransport(ttl=60, maxsize=2)
-    async with asyncio.timeout(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
+    async with bounded(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
         for i in range(5):
             await c.get(f"/ms{i}")
     assert len(t.group.cache) == 2
@@ -117,7 +117,7 @@ async def test_maxsize_bounds_the_cache(upstream):
 
 async def test_concurrent_misses_fly_once_then_hit(upstream):
     t = AsyncSingleflightTransport(ttl=60)
-    async with asyncio.timeout(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
+    async with bounded(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
         tasks = [asyncio.ensure_future(c.get("/cm?gate=cm")) for _ in range(10)]
         await wait_until(lambda: t.stats.calls == 10)
         upstream.open_gate("cm")
