@@ -73,6 +73,9 @@ class Singleflight(Generic[P, R]):
         self._fn = fn
         self._key = key
         self.group = group
+        # A shared tier is shared by every decorated function: name the function in its keys,
+        # or get_user(1) and get_post(1) would share one entry.
+        self._prefix = f"{fn.__module__}.{fn.__qualname__}" if group._tier is not None else None
         self._is_async = inspect.iscoroutinefunction(fn)
         if self._is_async:
             _mark_coroutine_function(self)
@@ -91,7 +94,7 @@ class Singleflight(Generic[P, R]):
                     "not hashable; return a tuple, str or int instead"
                 ) from None
             raise _unhashable_error(self._fn, args, kwargs) from None
-        return k
+        return k if self._prefix is None else (self._prefix, k)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         k = self._make_key(args, kwargs)

@@ -377,7 +377,8 @@ class Group(Generic[V]):
                 if type(value) is Unshared:
                     self._map.land(key, flight, SIGNAL, ALONE)
                     return value.value, role
-                self._store(key, value)
+                if role != "stale":  # a stale value is served, never kept for longer
+                    self._store(key, value)
                 self._map.land(key, flight, VALUE, value)
                 return value, role
             if is_reentrant(flight):

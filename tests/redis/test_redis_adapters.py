@@ -144,12 +144,6 @@ async def test_decorator_with_a_tier(make_tier: Callable[..., RedisTier]) -> Non
     assert calls == 1
 
 
-@pytest.mark.xfail(
-    reason="the decorator's default key is the arguments only; with a shared tier two functions "
-    "called with equal arguments share one Redis entry. Fix in _decorator.py: prefix the key "
-    "with the function's module and qualname when tier= is given",
-    strict=False,
-)
 async def test_decorated_functions_do_not_share_entries(
     make_tier: Callable[..., RedisTier],
 ) -> None:
