@@ -136,7 +136,8 @@ def main() -> None:
     for name, r in rows.items():
         cells = [f"{r['a']:.0f}", f"{r['b']:.1f}", f"{r['c']:.0f}", f"{r['mem']:.0f}"]
         ratios = [r[s] / base[s] for s in ("a", "b", "c", "mem")]
-        print(f"| {name} | " + " | ".join(f"{c} ({x:.2f}x)" for c, x in zip(cells, ratios)) + " |")
+        joined = " | ".join(f"{c} ({x:.2f}x)" for c, x in zip(cells, ratios, strict=True))
+        print(f"| {name} | {joined} |")
 
 
 if __name__ == "__main__":
