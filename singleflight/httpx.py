@@ -63,7 +63,8 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
     leader only (streamed); its followers make their own requests. The leader's own timeout or
     cancellation never fails its followers: one of them makes the request afresh. A follower
     gives up after its own read timeout with ``httpx.ReadTimeout``. Works on asyncio and trio.
-    Pass ``group=other_transport.group`` to share flights (and the cache) between transports.
+    Pass ``group=other_transport.group`` to share flights (and the cache) between transports,
+    and ``tier=`` (``singleflight.redis.RedisTier``) to share them between processes.
     """
 
     def __init__(

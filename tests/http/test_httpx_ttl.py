@@ -136,3 +136,34 @@ def test_sync_transport_cache_is_thread_safe(upstream):
             results = list(pool.map(lambda i: c.get(f"/st{i % 12}").status_code, range(400)))
     assert set(results) == {200}
     assert len(t.group.cache) <= 8
+
+
+class FakeTier:
+    """A Tier stand-in (no Redis): stores encoded Snapshots, serves them as "shared"."""
+
+    def __init__(self) -> None:
+        self.store: dict[object, bytes] = {}
+
+    async def run(self, key, produce, codec, cacheable):
+        if key in self.store:
+            return codec.decode(self.store[key]), "shared"
+        value = await produce()
+        if type(value).__name__ != "Unshared" and (cacheable is None or cacheable(value)):
+            self.store[key] = codec.encode(value)
+        return value, "leader"
+
+
+async def test_tier_stores_encoded_snapshots_and_its_roles_pass_through(upstream):
+    tier = FakeTier()
+    t = AsyncSingleflightTransport(tier=tier)
+    async with bounded(10), httpx.AsyncClient(transport=t, base_url=upstream.url) as c:
+        first = await c.get("/tier?encoding=gzip")
+        second = await c.get("/tier?encoding=gzip")
+        cookie = [await c.get("/tier?set_cookie=a=b") for _ in range(2)]
+    assert first.extensions["singleflight"] == "leader"
+    assert second.extensions["singleflight"] == "shared"
+    assert second.json() == first.json() and second.headers["content-encoding"] == "gzip"
+    assert [r.extensions["singleflight"] for r in cookie] == ["leader", "leader"]
+    assert upstream.hits("/tier") == 3 and len(tier.store) == 1
+    (blob,) = tier.store.values()
+    assert blob.startswith(b"SFSN")
