@@ -155,7 +155,7 @@ class SingleflightMiddleware:
             return None
         # aiohttp decodes Content-Encoding in its parser when the session says so: a decoded
         # body must never reach a session that expects raw bytes, nor the reverse.
-        extra = ("decoded",) if req.session.auto_decompress else ("raw",)
+        extra = _DECODED if req.session.auto_decompress else _RAW
         url = req.url
         if url.raw_user or url.raw_password:  # the session moves these to Authorization first
             return options.key_for(req, method, str(url), headers, extra)
@@ -195,6 +195,10 @@ class SingleflightMiddleware:
             body,
             request_headers=cast(Any, req.headers.items()),
         )
+
+
+_DECODED: Final = ("decoded",)  # the key's ``extra``: see RequestKey
+_RAW: Final = ("raw",)
 
 
 def _has_body(req: ClientRequest) -> bool:
