@@ -13,7 +13,7 @@ try:
     from aiohttp import ClientRequest, ClientResponse, hdrs
     from aiohttp.client_middlewares import ClientHandlerType
     from aiohttp.helpers import TimerNoop
-    from aiohttp.http import HttpVersion
+    from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
     from aiohttp.streams import StreamReader
     from multidict import CIMultiDict, CIMultiDictProxy
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -260,6 +260,13 @@ class _FedOnce:
 
 
 _NO_FLOW_CONTROL: Final = _FedOnce()
+# Snapshot.http_version -> aiohttp's version; a Snapshot from an httpx leader may say HTTP/2.
+_VERSIONS: Final = {
+    "HTTP/1.1": HttpVersion11,
+    "HTTP/1.0": HttpVersion10,
+    "HTTP/2": HttpVersion(2, 0),
+    "HTTP/3": HttpVersion(3, 0),
+}
 
 
 def _respond(req: ClientRequest, snap: Snapshot) -> ClientResponse:
@@ -288,16 +295,17 @@ def _respond(req: ClientRequest, snap: Snapshot) -> ClientResponse:
     resp._session = session
     resp._resolve_charset = session._resolve_charset
     # What start() and reading the body set.
-    major, _, minor = snap.http_version.removeprefix("HTTP/").partition(".")
-    resp.version = HttpVersion(int(major or 1), int(minor or 0))
+    resp.version = _VERSIONS.get(snap.http_version, HttpVersion11)
     resp.status = snap.status
     resp.reason = snap.reason
     resp._raw_headers = snap.headers
     resp._headers = CIMultiDictProxy(
         CIMultiDict(
             # aiohttp's parser decodes header bytes the same way.
-            (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-            for n, v in snap.headers
+            [
+                (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                for n, v in snap.headers
+            ]
         )
     )
     cookies = resp._headers.getall(hdrs.SET_COOKIE, ())
