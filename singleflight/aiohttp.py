@@ -185,16 +185,10 @@ class SingleflightMiddleware:
             body = body_or_none
         version = resp.version
         http_version = f"HTTP/{version.major}.{version.minor}" if version else "HTTP/1.1"
+        parts = (resp.status, resp.reason or "", http_version, resp.raw_headers, body)
         if not self._judge_cacheable:
-            return Snapshot(resp.status, resp.reason or "", http_version, resp.raw_headers, body)
-        return Snapshot.build(
-            resp.status,
-            resp.reason or "",
-            http_version,
-            resp.raw_headers,
-            body,
-            request_headers=cast(Any, req.headers.items()),
-        )
+            return Snapshot(*parts)
+        return Snapshot.build(*parts, request_headers=cast(Any, req.headers.items()))
 
 
 _DECODED: Final = ("decoded",)  # the key's ``extra``: see RequestKey
