@@ -180,6 +180,15 @@ class Group(Generic[V]):
             leaders + followers + hits, leaders, followers, hits, self._errors, self._reelections
         )
 
+    def __contains__(self, key: object) -> bool:
+        """Is ``key`` in flight now? A hint: the answer may change the moment it is given."""
+        return key in self._flights
+
+    @property
+    def tier(self) -> Tier | None:
+        """The shared tier the leaders go through, or None."""
+        return self._tier
+
     @property
     def cache(self) -> MutableMapping[Any, V] | None:
         """The cache of completed values, or None."""
@@ -415,6 +424,22 @@ class Group(Generic[V]):
         """Like ``do_sync``, and also say how the call was served."""
         return self._run_sync(key, fn, args, kwargs)
 
+    def do_sync_bounded(
+        self,
+        timeout: float | None,
+        key: Hashable,
+        fn: Callable[..., V],
+        /,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[V, Role]:
+        """Like ``do_sync_with_role``, but a follower waits at most ``timeout`` seconds.
+
+        Then it raises ``TimeoutError`` and leaves; the flight goes on without it. A leader's
+        own run is not bounded here (bound the work itself).
+        """
+        return self._run_sync(key, fn, args, kwargs, timeout)
+
     @runs_flight
     def _run_sync(
         self,
@@ -422,6 +447,7 @@ class Group(Generic[V]):
         fn: Callable[..., V],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        timeout: float | None = None,
     ) -> tuple[V, Role]:
         value: Any = self._cached(key)
         if value is not _MISSING:
@@ -477,11 +503,17 @@ class Group(Generic[V]):
                 raise reentrancy_error(key)
             self._followers += 1
             try:
-                waiter.lock.acquire()
+                got = waiter.lock.acquire(timeout=-1 if timeout is None else timeout)
             except BaseException:  # e.g. KeyboardInterrupt while blocked
                 if not self._map.leave(flight, waiter):
                     self._map.resign(key, flight, waiter.payload)
                 raise
+            if not got:
+                if self._map.leave(flight, waiter):
+                    raise TimeoutError(
+                        f"waited {timeout} s for the flight of {key!r}; it goes on without us"
+                    )
+                waiter.lock.acquire()  # an outcome is on its way: released right after
             value = waiter.outcome()
             if value is REELECT:
                 self._followers -= 1

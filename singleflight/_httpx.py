@@ -53,9 +53,7 @@ class Policy:
             group=group, tier=tier, reelect_on=(httpx.TimeoutException,)
         )
         # Judge cacheability only where something may store it (a cache or a tier).
-        self.caching = (
-            self.group.cache is not None or getattr(self.group, "_tier", None) is not None
-        )
+        self.caching = self.group.cache is not None or self.group.tier is not None
 
     def key(self, request: httpx.Request) -> Hashable | None:
         """The Group key of ``request``, or None when it must go straight through."""
@@ -164,8 +162,7 @@ def read_timeout(request: httpx.Request) -> float | None:
 
 def in_flight(group: Group[Any], key: Hashable) -> bool:
     """Is ``key`` in flight now? A hint (the answer may change at once); True if unknown."""
-    flights = getattr(group, "_flights", None)  # TODO(core): a public Group.__contains__
-    return True if flights is None else key in flights
+    return key in group
 
 
 def on_asyncio() -> bool:

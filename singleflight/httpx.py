@@ -241,10 +241,15 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
             ran = True
             return self._fetch(request)
 
+        budget = read_timeout(request)  # a follower keeps its own, as on the async side
         try:
-            value, role = policy.group.do_sync_with_role(key, fetch)
+            value, role = policy.group.do_sync_bounded(budget, key, fetch)
         except ReentrancyError:
             return self._inner.handle_request(request)
+        except TimeoutError as exc:
+            if ran:
+                raise
+            raise waited_too_long(request, budget or 0.0) from exc
         except Exception as exc:
             fresh = exc if ran else fresh_error(exc, request)
             if fresh is exc:

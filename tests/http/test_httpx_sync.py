@@ -165,3 +165,19 @@ def test_sync_context_manager_and_close():
     t.close()
     assert events == ["enter", "exit", "close"]
     assert isinstance(SingleflightTransport().inner, httpx.HTTPTransport)
+
+
+def test_sync_follower_keeps_its_own_read_timeout(upstream):
+    t = SingleflightTransport()
+    with httpx.Client(transport=t, base_url=upstream.url) as c:
+        pool, leader = run_threads(1, lambda i: c.get("/sft?gate=sft", timeout=10))
+        upstream.wait_for_hits(1, "/sft")
+        with pytest.raises(httpx.ReadTimeout) as info:
+            c.get("/sft?gate=sft", timeout=0.2)  # a follower: gives up on its own deadline
+        assert info.value.request.url.path == "/sft"
+        assert t.group.in_flight == 1  # the flight went on without it
+        upstream.open_gate("sft")
+        assert leader[0].result(timeout=10).status_code == 200
+        pool.shutdown()
+    assert upstream.hits("/sft") == 1
+    assert t.group.in_flight == 0
