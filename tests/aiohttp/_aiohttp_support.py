@@ -1,4 +1,4 @@
-"""Waiting helpers for the aiohttp middleware tests (every wait is bounded)."""
+"""Waiting helpers for the aiohttp middleware tests (every wait is bounded; Python 3.10 too)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from singleflight.aiohttp import SingleflightMiddleware
 
 async def wait_until(pred: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
     """Wait until ``pred()`` is true (polled every millisecond), at most ``timeout`` seconds."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not pred():
-                await asyncio.sleep(0.001)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.001)
 
 
 async def joined(mw: SingleflightMiddleware, followers: int) -> None:
@@ -26,5 +25,4 @@ async def joined(mw: SingleflightMiddleware, followers: int) -> None:
 
 async def bounded(aw: Awaitable[Any], timeout: float = 10.0) -> Any:
     """Await ``aw`` for at most ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        return await aw
+    return await asyncio.wait_for(aw, timeout)
