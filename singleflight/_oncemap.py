@@ -193,7 +193,9 @@ def new_waiter() -> Any:
     return _TrioWaiter()
 
 
-_FLIGHT_CODES: set[Any] = set()
+# ids of the code objects of functions that lead flights. Ids, not the code objects: hashing a
+# code object hashes its whole bytecode, which would cost more than the rest of the walk.
+_FLIGHT_CODES: set[int] = set()
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -201,7 +203,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 def runs_flight(fn: _F) -> _F:
     """Register a function whose local ``flight`` is the flight it is leading (re-entrancy)."""
-    _FLIGHT_CODES.add(fn.__code__)
+    _FLIGHT_CODES.add(id(fn.__code__))  # the function lives as long as the module
     return fn
 
 
@@ -225,7 +227,7 @@ def is_reentrant(flight: Flight, *, whole_stack: bool = False) -> bool:
     codes = _FLIGHT_CODES
     while frame is not None:
         code = frame.f_code
-        if code in codes and frame.f_locals.get("flight") is flight:
+        if id(code) in codes and frame.f_locals.get("flight") is flight:
             return True
         if not whole_stack and not code.co_flags & _CO_ASYNC:
             return False
