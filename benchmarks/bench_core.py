@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import gc
 import statistics
+import sys
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
@@ -63,30 +64,34 @@ async def _sleep_1ms() -> int:
     return 1
 
 
-async def scenario_a(impl: Any, n: int) -> float:
+Clock = Callable[[], float]
+
+
+async def scenario_a(impl: Any, n: int, clock: Clock) -> float:
+    """ns of overhead per uncontended call, over a direct await of the same work."""
     do = impl.do
     fn = _instant
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(n):
         await fn()
-    direct = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    direct = clock() - t0
+    t0 = clock()
     for i in range(n):
         await do(i, fn)
-    wrapped = time.perf_counter() - t0
+    wrapped = clock() - t0
     return (wrapped - direct) / n * 1e9
 
 
-async def scenario_b(impl: Any) -> float:
-    t0 = time.perf_counter()
+async def scenario_b(impl: Any, clock: Clock) -> float:
+    t0 = clock()
     await asyncio.gather(*[impl.do("k", _sleep_1ms) for _ in range(10_000)])
-    return (time.perf_counter() - t0) * 1e3
+    return (clock() - t0) * 1e3
 
 
-async def scenario_c(impl: Any) -> float:
-    t0 = time.perf_counter()
+async def scenario_c(impl: Any, clock: Clock) -> float:
+    t0 = clock()
     await asyncio.gather(*[impl.do(i % 1000, _sleep_1ms) for i in range(100_000)])
-    return (time.perf_counter() - t0) * 1e3
+    return (clock() - t0) * 1e3
 
 
 def _timed(coro_fn: Callable[[], Awaitable[float]]) -> float:
@@ -101,10 +106,13 @@ def _timed(coro_fn: Callable[[], Awaitable[float]]) -> float:
 def _peak_mib(impl_factory: Callable[[], Any]) -> float:
     gc.collect()
     tracemalloc.start()
-    asyncio.run(scenario_c(impl_factory()))
+    asyncio.run(scenario_c(impl_factory(), time.perf_counter))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return peak / 2**20
+
+
+CLOCKS: dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def main() -> None:
@@ -113,31 +121,40 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200_000, help="calls in scenario a")
     args = parser.parse_args()
     impls: dict[str, Callable[[], Any]] = {"baseline": Minimal, "singleflight": Group}
-    rows: dict[str, dict[str, float]] = {name: {} for name in impls}
-    samples: dict[tuple[str, str], list[float]] = {}
+    samples: dict[tuple[str, str, str], list[float]] = {}
     for _ in range(args.runs):
-        for name, factory in impls.items():  # interleaved, so drift hits both alike
-            samples.setdefault((name, "a"), []).append(
-                _timed(lambda f=factory: scenario_a(f(), args.calls))
-            )
-            samples.setdefault((name, "b"), []).append(_timed(lambda f=factory: scenario_b(f())))
-            samples.setdefault((name, "c"), []).append(_timed(lambda f=factory: scenario_c(f())))
-    for name, factory in impls.items():
-        for s in "abc":
-            rows[name][s] = statistics.median(samples[(name, s)])
-        rows[name]["mem"] = _peak_mib(factory)
-    base = rows["baseline"]
-    print(f"median of {args.runs} runs (CPython, GC off while timing)\n")
-    print(
-        "| impl | a: ns/call overhead | b: 10k on 1 key, ms | c: 100k calls / 1k keys, ms |"
-        " c: peak MiB |"
-    )
-    print("|---|---|---|---|---|")
-    for name, r in rows.items():
-        cells = [f"{r['a']:.0f}", f"{r['b']:.1f}", f"{r['c']:.0f}", f"{r['mem']:.0f}"]
-        ratios = [r[s] / base[s] for s in ("a", "b", "c", "mem")]
-        joined = " | ".join(f"{c} ({x:.2f}x)" for c, x in zip(cells, ratios, strict=True))
-        print(f"| {name} | {joined} |")
+        for clock_name, clock in CLOCKS.items():
+            for name, factory in impls.items():  # interleaved, so drift hits both alike
+                runs = {
+                    "a": lambda f=factory, k=clock: scenario_a(f(), args.calls, k),  # type: ignore[misc]
+                    "b": lambda f=factory, k=clock: scenario_b(f(), k),  # type: ignore[misc]
+                    "c": lambda f=factory, k=clock: scenario_c(f(), k),  # type: ignore[misc]
+                }
+                for s, run in runs.items():
+                    samples.setdefault((clock_name, name, s), []).append(_timed(run))
+    mem = {name: _peak_mib(factory) for name, factory in impls.items()}
+    print(f"median of {args.runs} runs, CPython {sys.version.split()[0]}, GC off while timing")
+    for clock_name in CLOCKS:
+        what = "wall time" if clock_name == "wall" else "CPU time of this process"
+        print(f"\n{what}:\n")
+        print(
+            "| impl | a: ns/call overhead | b: 10k on 1 key, ms | c: 100k calls / 1k keys, ms |"
+            " c: peak MiB |"
+        )
+        print("|---|---|---|---|---|")
+        med = {
+            (name, s): statistics.median(samples[(clock_name, name, s)])
+            for name in impls
+            for s in "abc"
+        }
+        for name in impls:
+            cells = [
+                f"{med[(name, 'a')]:.0f} ({med[(name, 'a')] / med[('baseline', 'a')]:.2f}x)",
+                f"{med[(name, 'b')]:.1f} ({med[(name, 'b')] / med[('baseline', 'b')]:.2f}x)",
+                f"{med[(name, 'c')]:.0f} ({med[(name, 'c')] / med[('baseline', 'c')]:.2f}x)",
+                f"{mem[name]:.0f} ({mem[name] / mem['baseline']:.2f}x)",
+            ]
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
