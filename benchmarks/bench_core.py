@@ -126,9 +126,9 @@ def main() -> None:
         for clock_name, clock in CLOCKS.items():
             for name, factory in impls.items():  # interleaved, so drift hits both alike
                 runs = {
-                    "a": lambda f=factory, k=clock: scenario_a(f(), args.calls, k),  # type: ignore[misc]
-                    "b": lambda f=factory, k=clock: scenario_b(f(), k),  # type: ignore[misc]
-                    "c": lambda f=factory, k=clock: scenario_c(f(), k),  # type: ignore[misc]
+                    "a": lambda f=factory, k=clock: scenario_a(f(), args.calls, k),
+                    "b": lambda f=factory, k=clock: scenario_b(f(), k),
+                    "c": lambda f=factory, k=clock: scenario_c(f(), k),
                 }
                 for s, run in runs.items():
                     samples.setdefault((clock_name, name, s), []).append(_timed(run))
