@@ -307,6 +307,26 @@ class Group(Generic[V]):
         except TypeError as exc:
             raise _hash_error(key, exc) from None
 
+    def _cached_for_leader(self, key: Hashable, flight: list[Any]) -> Any:
+        """A new leader looks again: a flight may have landed (and cached) since we looked."""
+        value = self._cached(key)
+        if value is not _MISSING:
+            self._cache_hits += 1
+            self._map.land(key, flight, VALUE, value)
+        return value
+
+    def _land_value(
+        self, key: Hashable, flight: list[Any], value: Any, role: Role
+    ) -> tuple[Any, Role]:
+        """The leader's work returned: cache it (if allowed) and hand it to the flight."""
+        if type(value) is Unshared:
+            self._map.land(key, flight, SIGNAL, ALONE)
+            return value.value, role
+        if role != "stale":  # a stale value is served, never kept for longer
+            self._store(key, value)
+        self._map.land(key, flight, VALUE, value)
+        return value, role
+
     def _store(self, key: Hashable, value: Any) -> None:
         cache = self._cache
         if cache is not None and (self._cache_if is None or self._cache_if(value)):
@@ -363,10 +383,8 @@ class Group(Generic[V]):
                         continue  # the flight landed before we could join: start over
                     flight = joined
                 if lead and self._cache is not None:
-                    value = self._cached(key)  # a flight may have landed since we looked
+                    value = self._cached_for_leader(key, flight)
                     if value is not _MISSING:
-                        self._cache_hits += 1
-                        self._map.land(key, flight, VALUE, value)
                         return value, "cache"
             if lead:
                 self._leaders += 1
@@ -383,13 +401,7 @@ class Group(Generic[V]):
                 except BaseException as exc:
                     self._land_failed(key, flight, exc)
                     raise
-                if type(value) is Unshared:
-                    self._map.land(key, flight, SIGNAL, ALONE)
-                    return value.value, role
-                if role != "stale":  # a stale value is served, never kept for longer
-                    self._store(key, value)
-                self._map.land(key, flight, VALUE, value)
-                return value, role
+                return self._land_value(key, flight, value, role)
             if is_reentrant(flight):
                 if not self._map.leave(flight, waiter) and not isinstance(waiter, _Waiter):
                     waiter.cancel()
@@ -477,10 +489,8 @@ class Group(Generic[V]):
                         continue
                     flight = joined
                 if lead and self._cache is not None:
-                    value = self._cached(key)
+                    value = self._cached_for_leader(key, flight)
                     if value is not _MISSING:
-                        self._cache_hits += 1
-                        self._map.land(key, flight, VALUE, value)
                         return value, "cache"
             if lead:
                 self._leaders += 1
@@ -492,12 +502,7 @@ class Group(Generic[V]):
                     raise
                 finally:
                     SYNC_LEADERS[0] -= 1
-                if type(value) is Unshared:
-                    self._map.land(key, flight, SIGNAL, ALONE)
-                    return value.value, "leader"
-                self._store(key, value)
-                self._map.land(key, flight, VALUE, value)
-                return value, "leader"
+                return self._land_value(key, flight, value, "leader")
             if is_reentrant(flight, whole_stack=True):
                 self._map.leave(flight, waiter)
                 raise reentrancy_error(key)
