@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -24,6 +25,7 @@ __all__ = (
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_METHODS",
     "SNAPSHOT_CODEC",
+    "Deadline",
     "HTTPOptions",
     "HeaderFilter",
     "HeaderPairs",
@@ -679,3 +681,46 @@ class HTTPOptions:
 
 def _snapshot_is_cacheable(value: object) -> bool:
     return isinstance(value, Snapshot) and value.cacheable
+
+
+# --------------------------------------------------------------------------------------------
+# A follower's own deadline (asyncio)
+
+
+class Deadline:
+    """A follower's own deadline on asyncio: cancels its task at ``budget`` s unless disarmed.
+
+    Both adapters arm one while a caller waits on someone else's flight (its own read timeout:
+    the leader's timeouts govern the shared request, not the follower's), and disarm it the
+    moment the caller leads, when the client library's own timeouts take over. Like
+    ``asyncio.timeout`` (3.11+ only): cancel the task, then tell our cancellation from anyone
+    else's with ``uncancel``. Setting ``deadline = math.inf`` disarms it (the same spelling as
+    ``anyio.CancelScope``, so the httpx transport's ``fetch`` serves both).
+    """
+
+    __slots__ = ("_fired", "_handle", "_task")
+
+    def __init__(self, budget: float) -> None:
+        self._task = asyncio.current_task()
+        self._fired = False
+        self._handle = asyncio.get_running_loop().call_later(budget, self._fire)
+
+    def _fire(self) -> None:
+        if self._task is not None:
+            self._fired = True
+            self._task.cancel()
+
+    @property
+    def deadline(self) -> float:
+        return math.inf if self._handle.cancelled() else self._handle.when()
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        self._handle.cancel()  # only ever disarmed
+
+    def expired(self) -> bool:
+        """True if our timer cancelled the task and nobody else did (then it is undone)."""
+        if not self._fired or self._task is None:
+            return False
+        uncancel = getattr(self._task, "uncancel", None)
+        return uncancel is None or uncancel() == 0  # Python 3.10 cannot tell: ours

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import sys
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, MutableMapping
 from typing import Any, Final, TypeAlias, TypeVar
@@ -178,42 +177,6 @@ def waited_too_long(request: httpx.Request, budget: float) -> httpx.ReadTimeout:
         f"waited {budget}s (this request's read timeout) for an identical request in flight",
         request=request,
     )
-
-
-class Deadline:
-    """A follower's own deadline on asyncio: cancels its task at ``budget`` s unless disarmed.
-
-    Like ``asyncio.timeout`` (3.11+ only): cancel the task, then tell our cancellation from
-    anyone else's with ``uncancel``. Setting ``deadline = math.inf`` disarms it (the same
-    spelling as ``anyio.CancelScope``, so ``fetch`` serves both).
-    """
-
-    __slots__ = ("_fired", "_handle", "_task")
-
-    def __init__(self, budget: float) -> None:
-        self._task = asyncio.current_task()
-        self._fired = False
-        self._handle = asyncio.get_running_loop().call_later(budget, self._fire)
-
-    def _fire(self) -> None:
-        if self._task is not None:
-            self._fired = True
-            self._task.cancel()
-
-    @property
-    def deadline(self) -> float:
-        return math.inf if self._handle.cancelled() else self._handle.when()
-
-    @deadline.setter
-    def deadline(self, value: float) -> None:
-        self._handle.cancel()  # only ever disarmed
-
-    def expired(self) -> bool:
-        """True if our timer cancelled the task and nobody else did (then it is undone)."""
-        if not self._fired or self._task is None:
-            return False
-        uncancel = getattr(self._task, "uncancel", None)
-        return uncancel is None or uncancel() == 0  # Python 3.10 cannot tell: ours
 
 
 class Rest(httpx.AsyncByteStream, httpx.SyncByteStream):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 import warnings
 import weakref
 from collections.abc import Callable, Collection, Hashable, Iterable, MutableMapping
+from types import FrameType
 from typing import Any, Final, cast
 
 try:
-    from aiohttp import ClientRequest, ClientResponse, hdrs
+    from aiohttp import ClientRequest, ClientResponse, ClientSession, SocketTimeoutError, hdrs
     from aiohttp.client_middlewares import ClientHandlerType
     from aiohttp.helpers import TimerNoop
     from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
@@ -27,6 +29,7 @@ from singleflight._http import (
     DEFAULT_IGNORE_HEADERS,
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_METHODS,
+    Deadline,
     HTTPOptions,
     Snapshot,
     bypass_reason,
@@ -134,13 +137,33 @@ class SingleflightMiddleware:
         if key is None:
             return await handler(req)
         own: ClientResponse | None = None  # the response of our own upstream call, if we made one
+        deadline: Deadline | None = None
 
         async def fetch() -> Snapshot | Unshared[ClientResponse]:
             nonlocal own
+            if deadline is not None:  # leading now: aiohttp enforces our own timeouts
+                deadline.deadline = math.inf
             own = resp = await handler(req)
             return await self._share(req, resp)
 
-        value, role = await self._group.do_with_role(key, fetch)
+        # A follower waits at most its own sock_read: the shared request runs on the leader's
+        # timeouts, and each re-elected leader's would add up otherwise.
+        budget = _sock_read() if key in self._group else None
+        if budget is None:
+            value, role = await self._group.do_with_role(key, fetch)
+        else:
+            deadline = Deadline(budget)
+            try:
+                value, role = await self._group.do_with_role(key, fetch)
+            except asyncio.CancelledError:
+                if not deadline.expired():
+                    raise
+                raise SocketTimeoutError(
+                    f"waited {budget}s (this request's sock_read timeout) for an identical "
+                    "request in flight"
+                ) from None
+            finally:
+                deadline.deadline = math.inf
         # The caller that made the upstream request keeps aiohttp's own response (traces,
         # connection bookkeeping and all); everyone else gets a copy built from the Snapshot.
         resp = own if own is not None else _respond(req, value)
@@ -193,6 +216,29 @@ class SingleflightMiddleware:
 
 _DECODED: Final = ("decoded",)  # the key's ``extra``: see RequestKey
 _RAW: Final = ("raw",)
+
+
+def _sock_read() -> float | None:
+    """The ``sock_read`` timeout of the request being sent, or None (none, or not found).
+
+    aiohttp does not hand a request's timeouts to middlewares: ``ClientSession._request`` keeps
+    them in its local ``real_timeout`` (3.12 to 3.14), and every middleware runs a few frames
+    below it, so that is where this reads them. Found nowhere (the middleware called some other
+    way), a follower is bounded by its ``total`` timeout alone, which aiohttp enforces itself.
+    """
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(_FRAMES):
+        if frame is None:
+            return None
+        if frame.f_code is _SESSION_REQUEST:
+            read = getattr(frame.f_locals.get("real_timeout"), "sock_read", None)
+            return float(read) if isinstance(read, (int, float)) and read > 0 else None
+        frame = frame.f_back
+    return None
+
+
+_SESSION_REQUEST: Final = getattr(ClientSession._request, "__code__", None)
+_FRAMES: Final = 16  # middlewares between ours and ClientSession._request, at most
 
 
 def _has_body(req: ClientRequest) -> bool:

@@ -18,9 +18,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from singleflight._errors import ReentrancyError
 from singleflight._group import Group, Stats, Unshared
-from singleflight._http import DEFAULT_IGNORE_HEADERS, DEFAULT_MAX_BODY_SIZE, DEFAULT_METHODS
-from singleflight._httpx import (
+from singleflight._http import (
+    DEFAULT_IGNORE_HEADERS,
+    DEFAULT_MAX_BODY_SIZE,
+    DEFAULT_METHODS,
     Deadline,
+)
+from singleflight._httpx import (
     Policy,
     Rest,
     Value,

@@ -87,8 +87,6 @@ async def burst(driver: Driver, url: str, fault: Fault) -> tuple[list[Outcome], 
 @pytest.mark.parametrize("name", list(FAULTS))
 async def test_fault(name, driver: Driver, faults, upstream):
     fault = FAULTS[name]
-    if driver.name == "aiohttp" and fault.timeout:
-        pytest.xfail("aiohttp followers wait out a chain of re-elected leaders' timeouts")
     base = {"raw": faults.url, "loopback": upstream.url, "closed": "http://127.0.0.1:9"}
     url = base[fault.server] + fault.path
     hits = faults.hits if fault.server == "raw" else upstream.hits
