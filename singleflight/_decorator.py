@@ -73,9 +73,11 @@ class Singleflight(Generic[P, R]):
         self._fn = fn
         self._key = key
         self.group = group
-        # A shared tier is shared by every decorated function: name the function in its keys,
-        # or get_user(1) and get_post(1) would share one entry.
-        self._prefix = f"{fn.__module__}.{fn.__qualname__}" if group._tier is not None else None
+        # A shared tier is shared by every decorated function: the default key names the
+        # function, or get_user(1) and get_post(1) would share one entry. A key= is the user's
+        # own key space and is used as it is.
+        shared = group.tier is not None and key is None
+        self._prefix = f"{fn.__module__}.{fn.__qualname__}" if shared else None
         self._is_async = inspect.iscoroutinefunction(fn)
         if self._is_async:
             _mark_coroutine_function(self)
