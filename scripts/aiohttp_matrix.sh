@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run tests/aiohttp against every aiohttp minor version we support (3.12, 3.13, 3.14).
 #
-# singleflight.aiohttp sets a few private ClientResponse attributes (see _respond() in
-# singleflight/aiohttp.py), so an aiohttp upgrade that breaks it must fail here, not for users.
+# singleflight.aiohttp sets a few private ClientResponse attributes and reads a request's timeouts
+# from ClientSession._request (singleflight/_aiohttp.py), so an aiohttp upgrade that breaks them
+# must fail here, not for users.
 #
 # One venv per version under $SF_VENVS (default .venvs/, gitignored), built in parallel. A venv
 # is rebuilt only when this script, the package's dependencies or the version spec change (a
