@@ -32,7 +32,10 @@ class Minimal:
     def __init__(self) -> None:
         self.m: dict[Any, list[asyncio.Future[Any]]] = {}
 
-    async def do(self, key: Any, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    async def do(
+        self, key: Any, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
+    ) -> Any:
+        # The same calling convention as Group.do (positional and keyword arguments for fn).
         m = self.m
         waiters = m.get(key)
         if waiters is not None:
@@ -41,7 +44,7 @@ class Minimal:
             return await fut
         m[key] = waiters = []
         try:
-            value = await fn(*args)
+            value = await fn(*args, **kwargs)
         except BaseException as exc:
             del m[key]
             for f in waiters:
