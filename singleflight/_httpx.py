@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Iterator, MutableMapping
 from typing import Any, Final, TypeAlias, TypeVar
 
 import httpx
 
-from singleflight._group import Group, Unshared
+from singleflight._group import Group, Stats, Unshared
 from singleflight._http import HTTPOptions, Snapshot, bypass_reason, unshareable_reason
+from singleflight._observe import note_call
 
 __all__ = ()
 
@@ -24,7 +26,7 @@ Value: TypeAlias = "Snapshot | Unshared[httpx.Response]"
 class Policy:
     """What both transports share: options, the Group, the key and the response builders."""
 
-    __slots__ = ("caching", "group", "options")
+    __slots__ = ("bypasses", "caching", "group", "options")
 
     def __init__(
         self,
@@ -53,14 +55,30 @@ class Policy:
         )
         # Judge cacheability only where something may store it (a cache or a tier).
         self.caching = self.group.cache is not None or self.group.tier is not None
+        self.bypasses = 0  # plain += under the GIL, like the Group's counters
+
+    @property
+    def stats(self) -> Stats:
+        """The Group's counters, plus the requests this transport let straight through."""
+        return dataclasses.replace(self.group.stats, bypasses=self.bypasses)
+
+    def bypassed(self, reason: str) -> None:
+        """Count and note a request that goes straight through, and why."""
+        self.bypasses += 1
+        note_call("bypass", reason, what="request")
 
     def key(self, request: httpx.Request) -> Hashable | None:
         """The Group key of ``request``, or None when it must go straight through."""
+        return self.key_or_reason(request)[0]
+
+    def key_or_reason(self, request: httpx.Request) -> tuple[Hashable | None, str]:
+        """``(key, "")`` to coalesce ``request``, or ``(None, why)`` to let it through."""
         if request.extensions.get("singleflight", True) is False:
-            return None
+            return None, "opt-out"
         raw = request.headers.raw
-        if bypass_reason(request.method, raw, methods=self.options.methods) is not None:
-            return None
+        reason = bypass_reason(request.method, raw, methods=self.options.methods)
+        if reason is not None:
+            return None, reason
         # httpx.URL is already normalised (lower-case scheme and host, no default port).
         url = request.url
         netloc = url.netloc.decode("ascii")
@@ -68,7 +86,8 @@ class Policy:
             netloc = netloc.rpartition(":")[0]  # "HTTPS://h:443" keeps its port in httpx
         normal = f"{url.scheme}://{netloc}{url.raw_path.decode('ascii')}"
         userinfo = url.userinfo.decode("ascii")
-        return self.options.key_for(request, request.method, normal, raw, _BODY, userinfo=userinfo)
+        key = self.options.key_for(request, request.method, normal, raw, _BODY, userinfo=userinfo)
+        return (None, "key") if key is None else (key, "")
 
     def unshared(self, request: httpx.Request, response: httpx.Response) -> bool:
         """True if ``response`` goes to its leader only (Set-Cookie, event stream, too big)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import sys
 import weakref
@@ -24,6 +25,7 @@ from singleflight._aiohttp import (
     respond as _respond,  # benchmarks/bench_aiohttp.py uses it
     sock_read,
 )
+from singleflight._errors import ReentrancyError
 from singleflight._group import Group, Stats, Unshared
 from singleflight._http import (
     DEFAULT_IGNORE_HEADERS,
@@ -35,6 +37,7 @@ from singleflight._http import (
     bypass_reason,
     unshareable_reason,
 )
+from singleflight._observe import note_call
 
 __all__ = ("SingleflightMiddleware", "served")
 
@@ -83,7 +86,7 @@ class SingleflightMiddleware:
         tier: a shared tier (``singleflight.redis.RedisTier``) for one flight across processes.
     """
 
-    __slots__ = ("_group", "_judge_cacheable", "_options")
+    __slots__ = ("_bypasses", "_group", "_judge_cacheable", "_options")
 
     def __init__(
         self,
@@ -117,6 +120,7 @@ class SingleflightMiddleware:
         self._judge_cacheable = (
             group is not None or tier is not None or self._group.cache is not None
         )
+        self._bypasses = 0
 
     @property
     def group(self) -> Group[Any]:
@@ -125,22 +129,24 @@ class SingleflightMiddleware:
 
     @property
     def stats(self) -> Stats:
-        """A snapshot of the Group's counters (calls, leaders, followers, cache hits, errors)."""
-        return self._group.stats
+        """The Group's counters (calls, leaders, followers, cache hits...) and ``bypasses``."""
+        return dataclasses.replace(self._group.stats, bypasses=self._bypasses)
 
     def __repr__(self) -> str:
         return f"SingleflightMiddleware(group={self._group!r})"
 
     async def __call__(self, req: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         """Serve ``req``: lead its flight, follow one, hit the cache, or pass straight through."""
-        key = self._key(req)
+        key, reason = self._key_or_reason(req)
         if key is None:
-            return await handler(req)
+            return await self._bypass(reason, req, handler)
         own: ClientResponse | None = None  # the response of our own upstream call, if we made one
+        ran = False
         deadline: Deadline | None = None
 
         async def fetch() -> Snapshot | Unshared[ClientResponse]:
-            nonlocal own
+            nonlocal own, ran
+            ran = True
             if deadline is not None:  # leading now: aiohttp enforces our own timeouts
                 deadline.deadline = math.inf
             own = resp = await handler(req)
@@ -149,45 +155,66 @@ class SingleflightMiddleware:
         # A follower waits at most its own sock_read: the shared request runs on the leader's
         # timeouts, and each re-elected leader's would add up otherwise.
         budget = sock_read() if key in self._group else None
-        if budget is None:
-            value, role = await self._group.do_with_role(key, fetch)
-        else:
-            deadline = Deadline(budget)
-            try:
+        try:
+            if budget is None:
                 value, role = await self._group.do_with_role(key, fetch)
-            except asyncio.CancelledError:
-                if not deadline.expired():
-                    raise
-                raise SocketTimeoutError(
-                    f"waited {budget}s (this request's sock_read timeout) for an identical "
-                    "request in flight"
-                ) from None
-            finally:
-                deadline.deadline = math.inf
+            else:
+                deadline = Deadline(budget)
+                try:
+                    value, role = await self._group.do_with_role(key, fetch)
+                except asyncio.CancelledError:
+                    if not deadline.expired():
+                        raise
+                    raise SocketTimeoutError(
+                        f"waited {budget}s (this request's sock_read timeout) for an identical "
+                        "request in flight"
+                    ) from None
+                finally:
+                    deadline.deadline = math.inf
+        except ReentrancyError:  # sent from inside its own flight: waiting would deadlock
+            return await self._bypass("reentrant", req, handler)
+        except BaseException:
+            note_call("leader" if ran else "follower", what="request")
+            raise
+        note_call(role, what="request")
         # The caller that made the upstream request keeps aiohttp's own response (traces,
         # connection bookkeeping and all); everyone else gets a copy built from the Snapshot.
         resp = own if own is not None else _respond(req, value)
         _served[resp] = role
         return resp
 
+    async def _bypass(
+        self, reason: str, req: ClientRequest, handler: ClientHandlerType
+    ) -> ClientResponse:
+        self._bypasses += 1  # plain += under the GIL, like the Group's counters
+        note_call("bypass", reason, what="request")
+        return await handler(req)
+
     def _key(self, req: ClientRequest) -> Hashable | None:
+        return self._key_or_reason(req)[0]
+
+    def _key_or_reason(self, req: ClientRequest) -> tuple[Hashable | None, str]:
+        """``(key, "")`` to coalesce ``req``, or ``(None, why)`` to let it through."""
         options = self._options
         method = req.method
         headers: Any = req.headers.items()
-        if bypass_reason(method, headers, methods=options.methods, has_body=has_body(req)):
-            return None
+        reason = bypass_reason(method, headers, methods=options.methods, has_body=has_body(req))
+        if reason is not None:
+            return None, reason
         # aiohttp decodes Content-Encoding in its parser when the session says so: a decoded
         # body must never reach a session that expects raw bytes, nor the reverse.
         extra = _DECODED if req.session.auto_decompress else _RAW
         url = req.url
         if url.raw_user or url.raw_password:  # the session moves these to Authorization first
-            return options.key_for(req, method, str(url), headers, extra)
-        # yarl has normalised it already (lower-case scheme and host, no default port, no
-        # fragment), except that a bare "http://host" keeps its empty path.
-        text = str(url)
-        if text.count("/") == 2:
-            text += "/"
-        return options.key_for(req, method, text, headers, extra, userinfo="")
+            key = options.key_for(req, method, str(url), headers, extra)
+        else:
+            # yarl has normalised it already (lower-case scheme and host, no default port, no
+            # fragment), except that a bare "http://host" keeps its empty path.
+            text = str(url)
+            if text.count("/") == 2:
+                text += "/"
+            key = options.key_for(req, method, text, headers, extra, userinfo="")
+        return (None, "key") if key is None else (key, "")
 
     async def _share(
         self, req: ClientRequest, resp: ClientResponse

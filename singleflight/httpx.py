@@ -34,6 +34,7 @@ from singleflight._httpx import (
     read_timeout,
     waited_too_long,
 )
+from singleflight._observe import note_call
 
 __all__ = ("DEFAULT_IGNORE_HEADERS", "AsyncSingleflightTransport", "SingleflightTransport")
 
@@ -50,8 +51,8 @@ class _Shared:
 
     @property
     def stats(self) -> Stats:
-        """The Group's counters (calls, leaders, followers, cache_hits, errors)."""
-        return self._policy.group.stats
+        """The Group's counters (calls, leaders, followers, cache hits...) and ``bypasses``."""
+        return self._policy.stats
 
 
 class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
@@ -103,8 +104,9 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` once per key in flight; return this caller's own Response."""
         policy = self._policy
-        key = policy.key(request)
+        key, reason = policy.key_or_reason(request)
         if key is None:
+            policy.bypassed(reason)
             return await self._inner.handle_async_request(request)
         budget = read_timeout(request)
         ran = False
@@ -143,12 +145,15 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
         except ReentrancyError:
             # The request was sent from inside its own flight (a hook or an auth flow):
             # waiting would deadlock, so it goes on its own.
+            policy.bypassed("reentrant")
             return await self._inner.handle_async_request(request)
-        except Exception as exc:
+        except BaseException as exc:
+            note_call("leader" if ran else "follower", what="request")
             fresh = exc if ran else fresh_error(exc, request)
             if fresh is exc:
                 raise
             raise fresh from exc
+        note_call(role, what="request")
         return policy.deliver(request, value, role)
 
     async def _fetch(self, request: httpx.Request) -> Value:
@@ -235,8 +240,9 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` once per key in flight; return this caller's own Response."""
         policy = self._policy
-        key = policy.key(request)
+        key, reason = policy.key_or_reason(request)
         if key is None:
+            policy.bypassed(reason)
             return self._inner.handle_request(request)
         ran = False
 
@@ -249,16 +255,17 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         try:
             value, role = policy.group.do_sync_bounded(budget, key, fetch)
         except ReentrancyError:
+            policy.bypassed("reentrant")
             return self._inner.handle_request(request)
-        except TimeoutError as exc:
-            if ran:
-                raise
-            raise waited_too_long(request, budget or 0.0) from exc
-        except Exception as exc:
+        except BaseException as exc:
+            note_call("leader" if ran else "follower", what="request")
+            if isinstance(exc, TimeoutError) and not ran:  # our own wait: do_sync_bounded
+                raise waited_too_long(request, budget or 0.0) from exc
             fresh = exc if ran else fresh_error(exc, request)
             if fresh is exc:
                 raise
             raise fresh from exc
+        note_call(role, what="request")
         return policy.deliver(request, value, role)
 
     def _fetch(self, request: httpx.Request) -> Value:
