@@ -125,8 +125,14 @@ class Policy:
             request_headers=request.headers.raw,
         )
 
+    def failed(self, exc: _E, request: httpx.Request, ran: bool) -> _E:
+        """Note a request that ended in ``exc``; return the exception its caller gets."""
+        note_call("leader" if ran else "follower", what="request")
+        return exc if ran else fresh_error(exc, request)
+
     def deliver(self, request: httpx.Request, value: Any, role: str) -> httpx.Response:
         """Each caller's own Response: a fresh one built from a Snapshot, or its own live one."""
+        note_call(role, what="request")
         if isinstance(value, httpx.Response):
             value.extensions["singleflight"] = role
             return value

@@ -28,13 +28,11 @@ from singleflight._httpx import (
     Policy,
     Rest,
     Value,
-    fresh_error,
     in_flight,
     on_asyncio,
     read_timeout,
     waited_too_long,
 )
-from singleflight._observe import note_call
 
 __all__ = ("DEFAULT_IGNORE_HEADERS", "AsyncSingleflightTransport", "SingleflightTransport")
 
@@ -148,12 +146,10 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
             policy.bypassed("reentrant")
             return await self._inner.handle_async_request(request)
         except BaseException as exc:
-            note_call("leader" if ran else "follower", what="request")
-            fresh = exc if ran else fresh_error(exc, request)
+            fresh = policy.failed(exc, request, ran)
             if fresh is exc:
                 raise
             raise fresh from exc
-        note_call(role, what="request")
         return policy.deliver(request, value, role)
 
     async def _fetch(self, request: httpx.Request) -> Value:
@@ -258,14 +254,12 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
             policy.bypassed("reentrant")
             return self._inner.handle_request(request)
         except BaseException as exc:
-            note_call("leader" if ran else "follower", what="request")
+            fresh = policy.failed(exc, request, ran)
             if isinstance(exc, TimeoutError) and not ran:  # our own wait: do_sync_bounded
                 raise waited_too_long(request, budget or 0.0) from exc
-            fresh = exc if ran else fresh_error(exc, request)
             if fresh is exc:
                 raise
             raise fresh from exc
-        note_call(role, what="request")
         return policy.deliver(request, value, role)
 
     def _fetch(self, request: httpx.Request) -> Value:
