@@ -252,7 +252,9 @@ def key_from_parts(
             kept.append((low, value if type(value) is bytes else _bytes(value)))
     # Sort on the name only: values of a repeated header keep their order (stable sort).
     kept.sort(key=_first)
-    digest = hashlib.blake2b(userinfo.encode("utf-8", "surrogateescape"), digest_size=16)
+    digest = hashlib.blake2b(digest_size=16)
+    if userinfo:  # ended by a newline, which no header line can begin with: no run-together
+        digest.update(userinfo.encode("utf-8", "surrogateescape") + b"\n")
     digest.update(b"\n".join([n + b":" + v for n, v in kept]))
     return RequestKey(method.upper(), normal_url, digest.hexdigest(), extra)
 
