@@ -8,12 +8,20 @@ the aiohttp tests against 3.12, 3.13 and 3.14, so a change in aiohttp is caught 
 from __future__ import annotations
 
 import asyncio
+import copy
 import sys
 import warnings
 from types import FrameType
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
-from aiohttp import ClientRequest, ClientResponse, ClientSession, hdrs
+from aiohttp import (
+    ClientError,
+    ClientRequest,
+    ClientResponse,
+    ClientResponseError,
+    ClientSession,
+    hdrs,
+)
 from aiohttp.helpers import TimerNoop
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.streams import StreamReader
@@ -22,6 +30,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from singleflight._http import Snapshot
 
 __all__ = ()
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 def sock_read() -> float | None:
@@ -45,6 +55,24 @@ def sock_read() -> float | None:
 
 _SESSION_REQUEST: Final = getattr(ClientSession._request, "__code__", None)
 _FRAMES: Final = 16  # middlewares between ours and ClientSession._request, at most
+
+
+def fresh_error(exc: _E, req: ClientRequest) -> _E:
+    """A copy of the leader's error for a follower, bound to the follower's own request.
+
+    One object raised in every caller's task would be shared by all of them (each raise rewrites
+    its traceback and context) and hand out the leader's ``request_info``. aiohttp's errors copy
+    cleanly (``copy.copy``); anything else, or a copy that fails, is raised as it is.
+    """
+    if not isinstance(exc, ClientError):
+        return exc
+    try:
+        new = copy.copy(exc)
+    except Exception:
+        return exc
+    if isinstance(new, ClientResponseError):
+        new.request_info = req.request_info
+    return new
 
 
 def has_body(req: ClientRequest) -> bool:

@@ -20,6 +20,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from singleflight._aiohttp import (
+    fresh_error,
     has_body,
     read_at_most,
     respond as _respond,  # benchmarks/bench_aiohttp.py uses it
@@ -143,6 +144,7 @@ class SingleflightMiddleware:
         own: ClientResponse | None = None  # the response of our own upstream call, if we made one
         ran = False
         deadline: Deadline | None = None
+        mine: SocketTimeoutError | None = None  # a follower's own timeout
 
         async def fetch() -> Snapshot | Unshared[ClientResponse]:
             nonlocal own, ran
@@ -165,17 +167,21 @@ class SingleflightMiddleware:
                 except asyncio.CancelledError:
                     if not deadline.expired():
                         raise
-                    raise SocketTimeoutError(
+                    mine = SocketTimeoutError(
                         f"waited {budget}s (this request's sock_read timeout) for an identical "
                         "request in flight"
-                    ) from None
+                    )
+                    raise mine from None
                 finally:
                     deadline.deadline = math.inf
         except ReentrancyError:  # sent from inside its own flight: waiting would deadlock
             return await self._bypass("reentrant", req, handler)
-        except BaseException:
+        except BaseException as exc:
             note_call("leader" if ran else "follower", what="request")
-            raise
+            fresh = exc if ran or exc is mine else fresh_error(exc, req)
+            if fresh is exc:
+                raise
+            raise fresh from exc
         note_call(role, what="request")
         # The caller that made the upstream request keeps aiohttp's own response (traces,
         # connection bookkeeping and all); everyone else gets a copy built from the Snapshot.

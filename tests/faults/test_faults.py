@@ -93,10 +93,13 @@ async def test_fault(name, driver: Driver, faults, upstream):
 
     outcomes, released = await burst(driver, url, fault)
 
-    # Every caller gets the error, and a fresh, chained object of its own where the adapter
-    # makes one (httpx), never a response produced for someone else.
+    # Every caller gets the error, each a fresh object of its own (chained to the leader's),
+    # never a response produced for someone else.
     expected = kind_of(fault, driver.name)
     assert [o.kind for o in outcomes] == [expected] * (FOLLOWERS + 1), outcomes
+    assert len({id(o.error) for o in outcomes}) == FOLLOWERS + 1  # each its own exception
+    infos = [o.error.request_info for o in outcomes if hasattr(o.error, "request_info")]
+    assert len({id(i) for i in infos}) == len(infos)  # ... about its own request (aiohttp)
     assert hits() in fault.hits
     # ... within its own timeout: a follower's wait is bounded by its own read timeout, plus
     # the leader's when it was re-elected and made the request itself.
