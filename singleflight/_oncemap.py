@@ -286,8 +286,8 @@ class OnceMap(Generic[K, V]):
         self._registered: dict[Any, list[Flight]] = {}
 
     def __len__(self) -> int:
-        """The number of keys in flight now."""
-        return len(self._flights) + sum(1 for f in list(self._next.values()) if f)
+        """The number of keys in flight now (a forgotten key that started again counts once)."""
+        return len(self._flights)
 
     def __contains__(self, key: object) -> bool:
         return key in self._flights
