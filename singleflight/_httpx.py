@@ -26,7 +26,7 @@ Value: TypeAlias = "Snapshot | Unshared[httpx.Response]"
 class Policy:
     """What both transports share: options, the Group, the key and the response builders."""
 
-    __slots__ = ("bypasses", "caching", "group", "options")
+    __slots__ = ("bypasses", "caching", "group", "options", "rejoins")
 
     def __init__(
         self,
@@ -56,11 +56,19 @@ class Policy:
         # Judge cacheability only where something may store it (a cache or a tier).
         self.caching = self.group.cache is not None or self.group.tier is not None
         self.bypasses = 0  # plain += under the GIL, like the Group's counters
+        self.rejoins = 0  # followers that joined their flight again (sync, trio): counted twice
 
     @property
     def stats(self) -> Stats:
         """The Group's counters, plus the requests this transport let straight through."""
-        return dataclasses.replace(self.group.stats, bypasses=self.bypasses)
+        stats = self.group.stats
+        rejoins = self.rejoins
+        return dataclasses.replace(
+            stats,
+            calls=stats.calls - rejoins,
+            followers=stats.followers - rejoins,
+            bypasses=self.bypasses,
+        )
 
     def bypassed(self, reason: str) -> None:
         """Count and note a request that goes straight through, and why."""

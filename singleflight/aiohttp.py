@@ -36,6 +36,7 @@ from singleflight._http import (
     HTTPOptions,
     Snapshot,
     bypass_reason,
+    progress_of,
     unshareable_reason,
 )
 from singleflight._observe import note_call
@@ -151,17 +152,21 @@ class SingleflightMiddleware:
             ran = True
             if deadline is not None:  # leading now: aiohttp enforces our own timeouts
                 deadline.deadline = math.inf
+            progress = progress_of(self._group, key)
+            progress.start()
             own = resp = await handler(req)
+            progress.advance()  # followers see the request is not silent: headers,
+            progress.follow(resp.content)  # then every byte the connection feeds the body
             return await self._share(req, resp)
 
-        # A follower waits at most its own sock_read: the shared request runs on the leader's
-        # timeouts, and each re-elected leader's would add up otherwise.
+        # A follower waits until the shared request is silent for its own sock_read: that request
+        # runs on the leader's timeouts, and each re-elected leader's would add up otherwise.
         budget = sock_read() if key in self._group else None
         try:
             if budget is None:
                 value, role = await self._group.do_with_role(key, fetch)
             else:
-                deadline = Deadline(budget)
+                deadline = Deadline(budget, progress_of(self._group, key))
                 try:
                     value, role = await self._group.do_with_role(key, fetch)
                 except asyncio.CancelledError:

@@ -23,6 +23,8 @@ from singleflight._http import (
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_METHODS,
     Deadline,
+    Progress,
+    progress_of,
 )
 from singleflight._httpx import (
     Policy,
@@ -115,7 +117,7 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
             ran = True
             if deadline is not None:  # leading now: httpcore enforces our own timeouts
                 deadline.deadline = math.inf
-            return await self._fetch(request)
+            return await self._fetch(request, progress_of(policy.group, key))
 
         try:
             if budget is None or not in_flight(policy.group, key):
@@ -126,7 +128,7 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
             elif on_asyncio():
                 # A timer handle, not anyio.CancelScope: ten times cheaper, and every request
                 # pays for it (benchmarks/bench_httpx.py).
-                deadline = Deadline(budget)
+                deadline = Deadline(budget, progress_of(policy.group, key))
                 try:
                     value, role = await policy.group.do_with_role(key, fetch)
                 except asyncio.CancelledError:
@@ -135,11 +137,17 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
                     raise waited_too_long(request, budget) from None
                 finally:
                     deadline.deadline = math.inf
-            else:
-                with anyio.CancelScope(deadline=anyio.current_time() + budget) as deadline:
-                    value, role = await policy.group.do_with_role(key, fetch)
-                if deadline.cancelled_caught:
-                    raise waited_too_long(request, budget)
+            else:  # trio: a cancel scope per read timeout, and rejoin while the response moves
+                progress = progress_of(policy.group, key)
+                while True:
+                    mark = progress.mark()
+                    with anyio.CancelScope(deadline=anyio.current_time() + budget) as deadline:
+                        value, role = await policy.group.do_with_role(key, fetch)
+                    if not deadline.cancelled_caught:
+                        break
+                    if progress.mark() == mark:
+                        raise waited_too_long(request, budget)
+                    policy.rejoins += 1
         except ReentrancyError:
             # The request was sent from inside its own flight (a hook or an auth flow):
             # waiting would deadlock, so it goes on its own.
@@ -152,10 +160,12 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
             raise fresh from exc
         return policy.deliver(request, value, role)
 
-    async def _fetch(self, request: httpx.Request) -> Value:
+    async def _fetch(self, request: httpx.Request, progress: Progress) -> Value:
         """The leader's work: send, then buffer the raw body into a Snapshot (or don't)."""
         policy = self._policy
+        progress.start()  # each step tells waiting followers the request is not silent
         response = await self._inner.handle_async_request(request)
+        progress.advance()
         kept = False  # True once the live response is handed on, still open
         try:
             if policy.unshared(request, response):
@@ -172,6 +182,7 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
             async for chunk in rest:
                 chunks.append(chunk)
                 size += len(chunk)
+                progress.advance(len(chunk))
                 if size > limit:
                     kept = True
                     return policy.oversized(response, Rest(chunks, rest, response))
@@ -242,14 +253,26 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
             return self._inner.handle_request(request)
         ran = False
 
+        progress = progress_of(policy.group, key)
+
         def fetch() -> Value:
             nonlocal ran
             ran = True
-            return self._fetch(request)
+            return self._fetch(request, progress)
 
         budget = read_timeout(request)  # a follower keeps its own, as on the async side
         try:
-            value, role = policy.group.do_sync_bounded(budget, key, fetch)
+            while True:
+                mark = progress.mark()
+                try:
+                    value, role = policy.group.do_sync_bounded(budget, key, fetch)
+                    break
+                except TimeoutError:
+                    if ran or progress.mark() == mark:
+                        raise
+                    # The shared response moved on while we waited: not silent for a whole
+                    # read timeout, so wait for it again (the flight goes on; we rejoin it).
+                    policy.rejoins += 1
         except ReentrancyError:
             policy.bypassed("reentrant")
             return self._inner.handle_request(request)
@@ -262,10 +285,12 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
             raise fresh from exc
         return policy.deliver(request, value, role)
 
-    def _fetch(self, request: httpx.Request) -> Value:
+    def _fetch(self, request: httpx.Request, progress: Progress) -> Value:
         """The leader's work: send, then buffer the raw body into a Snapshot (or don't)."""
         policy = self._policy
+        progress.start()
         response = self._inner.handle_request(request)
+        progress.advance()
         kept = False
         try:
             if policy.unshared(request, response):
@@ -280,6 +305,7 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
             for chunk in rest:
                 chunks.append(chunk)
                 size += len(chunk)
+                progress.advance(len(chunk))
                 if size > limit:
                     kept = True
                     return policy.oversized(response, Rest(chunks, rest, response))

@@ -97,3 +97,46 @@ async def test_a_follower_reelected_late_gets_its_full_sock_read(upstream, make_
     upstream.open_gate("late")
     resp = await bounded(follower)
     assert resp.status == 200 and served(resp) == "leader"
+
+
+@pytest.fixture
+async def steady_server():
+    """A loopback server whose body arrives a byte every 0.1 s: slow, never silent for long."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    hits = []
+
+    async def steady(request: web.Request) -> web.StreamResponse:
+        hits.append(request.path)
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        resp.content_length = 8
+        await resp.prepare(request)
+        for _ in range(8):
+            await asyncio.sleep(0.1)
+            await resp.write(b"s")
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/steady", steady)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    server.hits = hits
+    yield server
+    await server.close()
+
+
+async def test_a_follower_waits_while_the_shared_response_keeps_coming(steady_server, make_session):
+    # 0.8 s in all, never silent for 0.3 s: a lone caller with sock_read=0.3 gets it, and so
+    # does every follower (their read timeout starts over whenever the body moves on).
+    mw = SingleflightMiddleware()
+    session = make_session(mw)
+    url = str(steady_server.make_url("/steady"))
+
+    async def get() -> bytes:
+        async with session.get(url, timeout=sock_read(0.3)) as resp:
+            return await resp.read()
+
+    tasks = [asyncio.create_task(get()) for _ in range(5)]
+    assert await bounded(asyncio.gather(*tasks)) == [b"s" * 8] * 5
+    assert steady_server.hits == ["/steady"] and mw.stats.followers == 4

@@ -11,6 +11,8 @@ fault; ``?gate=NAME`` holds the request (after it is counted) until ``open_gate(
 ``/reset``          close with RST (SO_LINGER 0) before sending anything
 ``/trickle``        headers with ``Content-Length: 64``, then one byte every ``?gap=`` seconds
                     (default 0.5) until the client goes away
+``/steady``         headers after ``?head=`` s (0.2), then ``?n=`` bytes (8), ``?gap=`` s apart
+                    (0.15): slow, but never silent for long (then it closes)
 ``/hang``           never answer; wait until the client goes away
 anything else       ``200`` with a small JSON body ``{"path", "hit"}`` (keep-alive)
 ==================  =========================================================================
@@ -199,6 +201,17 @@ async def _trickle(reader, writer, query) -> None:  # type: ignore[no-untyped-de
         await writer.drain()
 
 
+async def _steady(reader, writer, query) -> None:  # type: ignore[no-untyped-def]
+    n = int(query.get("n", "8"))
+    await asyncio.sleep(float(query.get("head", "0.2")))
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % n)
+    for _ in range(n):
+        await writer.drain()
+        await asyncio.sleep(float(query.get("gap", "0.15")))
+        writer.write(b"s")
+    await writer.drain()
+
+
 async def _hang(reader, writer, query) -> None:  # type: ignore[no-untyped-def]
     await reader.read(1)  # until the client closes its end
 
@@ -208,5 +221,6 @@ _FAULTS = {
     "/garbage": _garbage,
     "/reset": _reset,
     "/trickle": _trickle,
+    "/steady": _steady,
     "/hang": _hang,
 }

@@ -190,3 +190,22 @@ async def test_5xx_storm(adapter, upstream):
         assert driver.stats.errors == 0  # a status is a response, not an error
     finally:
         await driver.aclose()
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+async def test_a_slow_but_steady_response_reaches_every_follower(adapter, faults):
+    # Headers after 0.2 s, then a byte every 0.15 s for 1.2 s: never silent for a whole read
+    # timeout (T), though it takes far longer than T in all. A lone caller would get it, so
+    # followers must too: their wait expires only when the shared request is silent for T.
+    driver = make_driver(adapter)
+    try:
+        url = faults.url + "/steady?head=0.2&gap=0.15&n=8"
+        outcomes, released = await burst(driver, url, Fault("/steady", "raw", ("200",) * 3))
+        assert [(o.kind, o.body) for o in outcomes] == [("200", b"s" * 8)] * (FOLLOWERS + 1)
+        assert sorted(o.role or "" for o in outcomes) == ["follower"] * FOLLOWERS + ["leader"]
+        assert faults.hits() == 1 and driver.stats.reelections == 0
+        assert 1.2 <= max(o.ended for o in outcomes) - released <= 1.4 + 2 * T
+        assert driver.group.in_flight == 0
+        await wait_until(driver.idle, "no pooled connection held")
+    finally:
+        await driver.aclose()
