@@ -28,33 +28,18 @@ import asyncio
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
-from itertools import count
 
 import aiohttp
+from _common import fresh, table, timed
 
 from singleflight._http import Snapshot
 from singleflight.aiohttp import SingleflightMiddleware, _respond
-
-_serial = count()
-
-
-def fresh(prefix: str) -> str:
-    """A path never used before in this run: no run sees another's cache or flight."""
-    return f"/{prefix}{next(_serial)}"
 
 
 async def upstream_hits(control: aiohttp.ClientSession, url: str) -> int:
     async with control.get(url + "/_upstream/hits") as resp:
         return int((await resp.json())["total"])
-
-
-async def timed(fn: Callable[[], Awaitable[object]]) -> tuple[float, float]:
-    """Wall and client CPU seconds of ``await fn()`` (the upstream runs in another process)."""
-    start, cpu = time.perf_counter(), time.process_time()
-    await fn()
-    return time.perf_counter() - start, time.process_time() - cpu
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> bytes:
@@ -220,15 +205,6 @@ async def measure(
     )
     row(f"{distinct} distinct GETs", "distinct", "pass-through", f"{passing / plain:.3f}x plain")
     return rows
-
-
-def table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 def main() -> None:

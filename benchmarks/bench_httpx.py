@@ -22,31 +22,16 @@ import asyncio
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable
-from itertools import count
 
 import httpx
+from _common import fresh, table, timed
 
 from singleflight.httpx import AsyncSingleflightTransport
-
-_serial = count()
-
-
-def fresh(prefix: str) -> str:
-    """A path never used before in this run: no run sees another's cache or flight."""
-    return f"/{prefix}{next(_serial)}"
 
 
 async def upstream_hits(control: httpx.AsyncClient) -> int:
     return int((await control.get("/_upstream/hits")).json()["total"])
-
-
-async def timed(fn: Callable[[], Awaitable[object]]) -> tuple[float, float]:
-    """(wall, CPU) seconds that ``fn`` took."""
-    start, cpu = time.perf_counter(), time.process_time()
-    await fn()
-    return time.perf_counter() - start, time.process_time() - cpu
 
 
 class Instant(httpx.AsyncBaseTransport):
@@ -159,15 +144,6 @@ async def measure(
             row("distinct", f"{distinct} distinct GETs", name, ratio if name == "wrapped" else "")
         )
     return rows
-
-
-def table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 def main() -> None:

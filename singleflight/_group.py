@@ -307,6 +307,26 @@ class Group(Generic[V]):
         except TypeError as exc:
             raise _hash_error(key, exc) from None
 
+    def _enter(
+        self, key: Hashable, head: list[Any] | None, make_waiter: Callable[[], Any]
+    ) -> tuple[list[Any], bool, Any] | None:
+        """Lead a new flight of ``key``, or join the one in flight with a new waiter.
+
+        ``head``: what ``setdefault`` already returned, if the caller tried. Returns
+        ``(flight, lead, waiter)``, or None if the flight landed before we could join.
+        """
+        flight: list[Any] = []
+        if head is None:
+            try:
+                head = self._flights.setdefault(key, flight)
+            except TypeError as exc:
+                raise _hash_error(key, exc) from None
+            if head is flight:
+                return flight, True, None
+        waiter = make_waiter()
+        joined, lead = self._map.join(key, head, waiter)
+        return None if joined is None else (joined, lead, waiter)
+
     def _cached_for_leader(self, key: Hashable, flight: list[Any]) -> Any:
         """A new leader looks again: a flight may have landed (and cached) since we looked."""
         value = self._cached(key)
@@ -362,26 +382,15 @@ class Group(Generic[V]):
             if value is not _MISSING:
                 self._cache_hits += 1
                 return value, "cache"
-        flights = self._flights
         while True:
             if owned is not None:
                 flight, owned, lead = owned, None, True
             else:
-                flight = []
-                lead = False
-                if head is None:
-                    try:
-                        head = flights.setdefault(key, flight)
-                    except TypeError as exc:
-                        raise _hash_error(key, exc) from None
-                    lead = head is flight
-                if not lead:
-                    waiter = new_waiter()
-                    joined, lead = self._map.join(key, head, waiter)
-                    head = None
-                    if joined is None:
-                        continue  # the flight landed before we could join: start over
-                    flight = joined
+                entered = self._enter(key, head, new_waiter)
+                head = None
+                if entered is None:
+                    continue  # the flight landed before we could join: start over
+                flight, lead, waiter = entered
                 if lead and self._cache is not None:
                     value = self._cached_for_leader(key, flight)
                     if value is not _MISSING:
@@ -470,24 +479,15 @@ class Group(Generic[V]):
                 "a Group with a tier serves async work only (await group.do(...)); "
                 "use a Group without tier= for do_sync"
             )
-        flights = self._flights
         owned: list[Any] | None = None
         while True:
             if owned is not None:
                 flight, owned, lead = owned, None, True
             else:
-                flight = []
-                try:
-                    head = flights.setdefault(key, flight)
-                except TypeError as exc:
-                    raise _hash_error(key, exc) from None
-                lead = head is flight
-                if not lead:
-                    waiter = _ThreadWaiter()
-                    joined, lead = self._map.join(key, head, waiter)
-                    if joined is None:
-                        continue
-                    flight = joined
+                entered = self._enter(key, None, _ThreadWaiter)
+                if entered is None:
+                    continue  # the flight landed before we could join: start over
+                flight, lead, waiter = entered
                 if lead and self._cache is not None:
                     value = self._cached_for_leader(key, flight)
                     if value is not _MISSING:
