@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable, Hashable, Iterable, MutableMapping
 from types import TracebackType
 from typing import Any
 
 try:
-    import anyio
     import httpx
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -22,7 +20,6 @@ from singleflight._http import (
     DEFAULT_IGNORE_HEADERS,
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_METHODS,
-    Deadline,
     Progress,
     progress_of,
 )
@@ -31,7 +28,6 @@ from singleflight._httpx import (
     Rest,
     Value,
     in_flight,
-    on_asyncio,
     read_timeout,
     waited_too_long,
 )
@@ -67,7 +63,8 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
     Responses with ``Set-Cookie``, event streams and bodies above ``max_body_size`` go to their
     leader only (streamed); its followers make their own requests. The leader's own timeout or
     cancellation never fails its followers: one of them makes the request afresh. A follower
-    gives up after its own read timeout with ``httpx.ReadTimeout``. Works on asyncio and trio.
+    gives up (``httpx.ReadTimeout``) once the shared response has been silent for its own read
+    timeout, as a lone request would. Works on asyncio and trio.
     Pass ``group=other_transport.group`` to share flights (and the cache) between transports,
     and ``tier=`` (``singleflight.redis.RedisTier``) to share them between processes.
     """
@@ -110,12 +107,12 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
             return await self._inner.handle_async_request(request)
         budget = read_timeout(request)
         ran = False
-        deadline: Deadline | anyio.CancelScope | None = None
+        armed: list[Any] = []  # this caller's deadline while it follows: disarmed if it leads
 
         async def fetch() -> Value:
             nonlocal ran
             ran = True
-            if deadline is not None:  # leading now: httpcore enforces our own timeouts
+            for deadline in armed:  # leading now: httpcore enforces our own timeouts
                 deadline.deadline = math.inf
             return await self._fetch(request, progress_of(policy.group, key))
 
@@ -125,29 +122,8 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
                 # await), so no deadline is armed. A sync thread may take the lead in between;
                 # then the wait is bounded by that leader's own timeouts and re-election.
                 value, role = await policy.group.do_with_role(key, fetch)
-            elif on_asyncio():
-                # A timer handle, not anyio.CancelScope: ten times cheaper, and every request
-                # pays for it (benchmarks/bench_httpx.py).
-                deadline = Deadline(budget, progress_of(policy.group, key))
-                try:
-                    value, role = await policy.group.do_with_role(key, fetch)
-                except asyncio.CancelledError:
-                    if not deadline.expired():
-                        raise
-                    raise waited_too_long(request, budget) from None
-                finally:
-                    deadline.deadline = math.inf
-            else:  # trio: a cancel scope per read timeout, and rejoin while the response moves
-                progress = progress_of(policy.group, key)
-                while True:
-                    mark = progress.mark()
-                    with anyio.CancelScope(deadline=anyio.current_time() + budget) as deadline:
-                        value, role = await policy.group.do_with_role(key, fetch)
-                    if not deadline.cancelled_caught:
-                        break
-                    if progress.mark() == mark:
-                        raise waited_too_long(request, budget)
-                    policy.rejoins += 1
+            else:
+                value, role = await policy.follow(request, key, fetch, budget, armed)
         except ReentrancyError:
             # The request was sent from inside its own flight (a hook or an auth flow):
             # waiting would deadlock, so it goes on its own.
@@ -252,7 +228,6 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
             policy.bypassed(reason)
             return self._inner.handle_request(request)
         ran = False
-
         progress = progress_of(policy.group, key)
 
         def fetch() -> Value:
@@ -262,17 +237,7 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
 
         budget = read_timeout(request)  # a follower keeps its own, as on the async side
         try:
-            while True:
-                mark = progress.mark()
-                try:
-                    value, role = policy.group.do_sync_bounded(budget, key, fetch)
-                    break
-                except TimeoutError:
-                    if ran or progress.mark() == mark:
-                        raise
-                    # The shared response moved on while we waited: not silent for a whole
-                    # read timeout, so wait for it again (the flight goes on; we rejoin it).
-                    policy.rejoins += 1
+            value, role = policy.follow_sync(key, fetch, budget, progress, lambda: ran)
         except ReentrancyError:
             policy.bypassed("reentrant")
             return self._inner.handle_request(request)
