@@ -75,6 +75,22 @@ FAULTS = {
 }
 
 
+# What each row did, printed as the fault table at the end of the module (run with -s).
+RESULTS: dict[tuple[str, str], str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fault_table():
+    yield
+    if RESULTS:
+        rows = sorted({f for f, _ in RESULTS}, key=list(FAULTS).index)
+        print("\n| fault | " + " | ".join(ADAPTERS) + " |")
+        print("|---|" + "---|" * len(ADAPTERS))
+        for row in rows:
+            cells = [RESULTS.get((row, a), "") for a in ADAPTERS]
+            print(f"| {row} | " + " | ".join(cells) + " |")
+
+
 def kind_of(fault: Fault, adapter: str) -> str:
     return fault.kinds[ADAPTERS.index(adapter)]
 
@@ -119,6 +135,10 @@ async def test_fault(name, driver: Driver, faults, upstream):
         assert driver.stats.errors == 0  # ... and was never shared as the flight's outcome
     else:
         assert driver.stats.errors == max(hits(), 1)  # one error per flight, shared
+    done = max(o.ended for o in outcomes) - released
+    RESULTS[name, driver.name] = f"{expected} x{FOLLOWERS + 1}, {hits()} upstream, {done:.2f} s" + (
+        f", {driver.stats.reelections} re-election(s)" if driver.stats.reelections else ""
+    )
     assert driver.group.in_flight == 0
     assert len(driver.group.cache) == 0  # ttl=60 is set: an error is never cached
     await wait_until(driver.idle, "no pooled connection held")
