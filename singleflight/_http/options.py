@@ -1,0 +1,242 @@
+"""HTTPOptions: the options both adapters take, checked at construction, and their Group."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Hashable, Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, final
+
+if TYPE_CHECKING:
+    from singleflight._group import Group
+
+from .headers import HeaderPairs
+from .key import (
+    CREDENTIAL_HEADERS,
+    DEFAULT_IGNORE_HEADERS,
+    HeaderFilter,
+    _split_url,
+    key_from_parts,
+)
+from .rules import DEFAULT_MAX_BODY_SIZE, DEFAULT_METHODS
+from .snapshot import SNAPSHOT_CODEC, _snapshot_is_cacheable
+
+__all__ = ("HTTPOptions",)
+
+
+_TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token (method names)
+
+
+_KeyFn = Callable[[Any], "Hashable | None"]
+
+
+def _fail_type(name: str, expected: str, value: object, fix: str) -> TypeError:
+    return TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}); {fix}")
+
+
+def _check_methods(methods: object) -> frozenset[str]:
+    if isinstance(methods, (str, bytes)) or not isinstance(methods, Iterable):
+        raise _fail_type(
+            "methods", "a collection of method names", methods, 'pass e.g. methods=("GET", "HEAD")'
+        )
+    out = set()
+    for m in methods:
+        if not isinstance(m, str) or not _TOKEN.fullmatch(m):
+            raise ValueError(
+                f"methods must hold HTTP method names such as 'GET', got {m!r} in {methods!r}; "
+                'pass e.g. methods=("GET", "HEAD")'
+            )
+        out.add(m.upper())
+    return frozenset(out)
+
+
+def _check_ttl(ttl: object) -> float | None:
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise _fail_type("ttl", "a number of seconds or None", ttl, "pass e.g. ttl=5.0")
+    if not (ttl > 0 and math.isfinite(ttl)):
+        raise ValueError(
+            f"ttl must be > 0 and finite, got {ttl!r}; pass ttl=None to disable caching"
+        )
+    return float(ttl)
+
+
+def _check_maxsize(maxsize: object) -> int:
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+        raise _fail_type("maxsize", "an int", maxsize, "pass e.g. maxsize=1024")
+    if maxsize < 1:
+        raise ValueError(f"maxsize must be >= 1, got {maxsize}; pass ttl=None to disable caching")
+    return maxsize
+
+
+def _check_ignore_headers(ignore_headers: object) -> HeaderFilter:
+    if isinstance(ignore_headers, HeaderFilter):
+        return ignore_headers
+    if isinstance(ignore_headers, (str, bytes)) or not isinstance(ignore_headers, Iterable):
+        raise _fail_type(
+            "ignore_headers",
+            "a collection of header names",
+            ignore_headers,
+            'pass e.g. ignore_headers=DEFAULT_IGNORE_HEADERS | {"x-my-trace"}',
+        )
+    names = list(ignore_headers)
+    for n in names:
+        if not isinstance(n, str) or not n or n == "*":
+            raise ValueError(
+                f"ignore_headers must hold header names (a trailing * matches a prefix), got {n!r}"
+            )
+    result = HeaderFilter(names)
+    leaked = sorted(h for h in CREDENTIAL_HEADERS if h in result)
+    if leaked:
+        raise ValueError(
+            f"ignore_headers would leave credentials out of the key ({', '.join(leaked)}): callers "
+            "with different credentials would share responses; if that is really wanted, pass "
+            "key= (a callable request -> hashable) instead"
+        )
+    return result
+
+
+def _check_max_body_size(max_body_size: object) -> int:
+    if isinstance(max_body_size, bool) or not isinstance(max_body_size, int):
+        raise _fail_type(
+            "max_body_size", "an int number of bytes", max_body_size, "pass e.g. 16 * 1024 * 1024"
+        )
+    if max_body_size < 0:
+        raise ValueError(
+            f"max_body_size must be >= 0, got {max_body_size}; pass e.g. 16 * 1024 * 1024"
+        )
+    return max_body_size
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class HTTPOptions:
+    """HTTPOptions holds the validated options both adapters take, and builds their Group.
+
+    Build it with ``HTTPOptions.build(...)``, which checks each option at construction and raises
+    ``TypeError``/``ValueError`` naming the parameter, the bad value and the fix.
+    """
+
+    methods: frozenset[str]
+    ttl: float | None
+    maxsize: int
+    cache: MutableMapping[Any, Any] | None
+    key: _KeyFn | None
+    ignore_headers: HeaderFilter
+    max_body_size: int
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        methods: Iterable[str] = DEFAULT_METHODS,
+        ttl: float | None = None,
+        maxsize: int = 1024,
+        cache: MutableMapping[Any, Any] | None = None,
+        key: _KeyFn | None = None,
+        ignore_headers: Iterable[str] = DEFAULT_IGNORE_HEADERS,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    ) -> HTTPOptions:
+        """build validates every option and returns the options object."""
+        if cache is not None and not isinstance(cache, MutableMapping):
+            raise _fail_type(
+                "cache", "a MutableMapping or None", cache, "pass e.g. cachetools.TTLCache(1024, 5)"
+            )
+        if cache is not None and ttl is not None:
+            raise ValueError(
+                f"pass either cache= or ttl=, not both (got ttl={ttl!r} and a cache); "
+                "the cache decides its own expiry"
+            )
+        if key is not None and not callable(key):
+            raise _fail_type(
+                "key",
+                "a callable request -> hashable (or None to bypass)",
+                key,
+                "pass e.g. key=lambda request: str(request.url), or key=None for the default",
+            )
+        return cls(
+            methods=_check_methods(methods),
+            ttl=_check_ttl(ttl),
+            maxsize=_check_maxsize(maxsize),
+            cache=cache,
+            key=key,
+            ignore_headers=_check_ignore_headers(ignore_headers),
+            max_body_size=_check_max_body_size(max_body_size),
+        )
+
+    def make_cache(self) -> MutableMapping[Any, Any] | None:
+        """make_cache returns ``cache``, or a ``cachetools.TTLCache(maxsize, ttl)`` if ttl is set.
+
+        The Group stores a value when its flight completes, so the TTL counts from completion.
+        """
+        if self.cache is not None:
+            return self.cache
+        if self.ttl is None:
+            return None
+        from cachetools import TTLCache
+
+        return TTLCache(maxsize=self.maxsize, ttl=self.ttl)
+
+    def make_group(
+        self,
+        *,
+        group: Group[Any] | None = None,
+        tier: Any = None,
+        reelect_on: tuple[type[BaseException], ...] = (),
+    ) -> Group[Any]:
+        """make_group returns ``group`` as given, or a new Group with this cache and policy.
+
+        A new Group stores only cacheable Snapshots (``cache_if``), re-elects on ``reelect_on``
+        (the client library's timeout exceptions) and stores Snapshots in ``tier`` with
+        ``SNAPSHOT_CODEC``. A given ``group`` keeps its own cache and tier, so ``ttl``/``cache``/
+        ``tier`` alongside it are refused.
+        """
+        from singleflight._group import Group
+
+        if group is not None:
+            if not isinstance(group, Group):
+                raise _fail_type("group", "a singleflight.Group", group, "or group=None")
+            if self.ttl is not None or self.cache is not None or tier is not None:
+                raise ValueError(
+                    "group= brings its own cache and tier: pass ttl=/cache=/tier= to the Group "
+                    "(Group(cache=..., tier=...)) or drop group="
+                )
+            return group
+        return Group(
+            self.make_cache(),
+            cache_if=_snapshot_is_cacheable,
+            reelect_on=reelect_on,
+            tier=tier,
+            codec=SNAPSHOT_CODEC,
+        )
+
+    def key_for(
+        self,
+        request: object,
+        method: str,
+        url: str,
+        headers: HeaderPairs,
+        extra: tuple[Hashable, ...] = (),
+        *,
+        userinfo: str | None = None,
+    ) -> Hashable | None:
+        """key_for returns the Group key of a request, or None when it must bypass.
+
+        With ``key=`` set, ``key(request)`` replaces the default policy (None means bypass), and
+        the method and ``extra`` are still added, so a HEAD never shares with a GET and raw bodies
+        never mix with decoded ones. Otherwise it is ``request_key(...)`` with ``ignore_headers``;
+        pass ``userinfo`` (``""`` if none) when ``url`` is already normalised (see
+        ``key_from_parts``).
+        """
+        if self.key is not None:
+            custom = self.key(request)
+            if custom is None:
+                return None
+            return ("key", method.upper(), custom, extra)
+        if userinfo is None:
+            url, userinfo = _split_url(url)
+        return key_from_parts(
+            method, url, userinfo, headers, ignore=self.ignore_headers, extra=extra
+        )
