@@ -243,7 +243,7 @@ def instructions(scen: str, variant: str, n: int) -> int:
 def peak_bytes(scen: str, variant: str, n: int) -> int:
     """Peak tracemalloc bytes of one child run (tracing starts after the imports)."""
     out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", scen, variant, str(n), "--mem"],
+        [sys.executable, os.path.abspath(__file__), "--child", scen, variant, str(n), "--mode=mem"],
         capture_output=True,
         text=True,
         check=False,
@@ -296,6 +296,105 @@ def measure(
             v: (runs[(row.scen, v, hi)] - runs[(row.scen, v, lo)]) / (hi - lo) for v in variants
         }
     return out
+
+
+def _child_json(scen: str, variant: str, n: int, mode: str) -> dict[str, int]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            scen,
+            variant,
+            str(n),
+            "--mode=" + mode,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=_child_env(),
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"{scen}/{variant}/{n} --mode={mode} failed:\n{out.stderr[-3000:]}")
+    return dict(json.loads(out.stdout.splitlines()[-1]))
+
+
+def _c_costs(scen: str, variant: str, n: int) -> dict[str, int]:
+    """Instructions by C function (self cost), from callgrind_annotate."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "cg.out")
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                os.path.abspath(__file__),
+                "--child",
+                scen,
+                variant,
+                str(n),
+            ],
+            capture_output=True,
+            check=True,
+            env=_child_env(),
+        )
+        text = subprocess.run(
+            ["callgrind_annotate", "--threshold=99.9", out],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    costs: dict[str, int] = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*([\d,]+)\s+(?:\([\d. %]+\)\s+)?(\S+:\S+)", line)
+        if m:
+            name = m.group(2).split(":", 1)[1].split(" [")[0]
+            costs[name] = costs.get(name, 0) + int(m.group(1).replace(",", ""))
+    return costs
+
+
+def profile(row: Row, with_c: bool) -> None:
+    """Per call, floor vs ours: calls per function, bytecodes per function, C instructions."""
+    lo, hi = row.sizes
+    lo, hi = max(lo // 5, 20), max(hi // 5, 40)
+    variants = [row.floor, row.ours] + ([row.direct] if row.direct else [])
+    kinds = [("calls", "calls per call (cProfile; C = builtins)"), ("ops", "bytecodes per call")]
+    for mode, title in kinds:
+        per = {}
+        for v in variants:
+            a, b = _child_json(row.scen, v, lo, mode), _child_json(row.scen, v, hi, mode)
+            per[v] = {k: (b.get(k, 0) - a.get(k, 0)) / (hi - lo) for k in b}
+        _print_costs(f"{row.id}: {title}", per, variants, 0.5)
+    if with_c:
+        per = {}
+        for v in variants:
+            a, b = _c_costs(row.scen, v, lo), _c_costs(row.scen, v, hi)
+            per[v] = {k: (b.get(k, 0) - a.get(k, 0)) / (hi - lo) for k in b}
+        _print_costs(f"{row.id}: machine instructions per call by C function", per, variants, 20)
+
+
+def _print_costs(
+    title: str, per: dict[str, dict[str, float]], variants: list[str], least: float
+) -> None:
+    """The functions where ours and the floor differ most (variants[0] floor, [1] ours)."""
+    floor, ours = per[variants[0]], per[variants[1]]
+
+    def delta(k: str) -> float:
+        return ours.get(k, 0) - floor.get(k, 0)
+
+    names = sorted((k for k in {*floor, *ours} if abs(delta(k)) >= least), key=lambda k: -delta(k))
+    print(f"\n### {title}\n")
+    rows: list[tuple[str, ...]] = [("function", *variants, "ours − floor")]
+    for k in names[:30]:
+        rows.append(
+            (f"`{k}`", *(f"{per[v].get(k, 0):,.1f}" for v in variants), f"{delta(k):+,.1f}")
+        )
+    totals = [sum(per[v].values()) for v in variants]
+    rows.append(("total", *(f"{t:,.0f}" for t in totals), f"{totals[1] - totals[0]:+,.0f}"))
+    print(table(rows))
 
 
 def ratio(row: Row, per: dict[str, float]) -> tuple[float, float, float]:
@@ -428,8 +527,12 @@ class MinimalSync:
         return value
 
 
-def child(scen: str, variant: str, n: int, mem: bool) -> None:
-    """Run scenario ``scen`` of ``variant`` with ``n`` calls, GC off."""
+def child(scen: str, variant: str, n: int, mode: str) -> None:
+    """Run scenario ``scen`` of ``variant`` with ``n`` calls, GC off.
+
+    ``mode``: "" (count, under callgrind), "mem" (print the peak traced bytes), "calls" (print
+    cProfile's call counts per function as JSON), "ops" (print bytecodes run per function).
+    """
     import asyncio
     import gc
 
@@ -438,16 +541,65 @@ def child(scen: str, variant: str, n: int, mem: bool) -> None:
     else:
         main = _async_scenario(scen, variant, n)
     gc.disable()
-    if mem:
+    if mode == "mem":
         import tracemalloc
 
         tracemalloc.start()
+    counts: dict[str, int] = {}
+    prof: Any = None
+    if mode == "calls":
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+    elif mode == "ops":
+        _trace_opcodes(counts)
     if asyncio.iscoroutine(main):
         asyncio.run(main)
     else:
         main()
-    if mem:
+    sys.settrace(None)
+    if mode == "mem":
         print(tracemalloc.get_traced_memory()[1])
+    elif mode == "calls":
+        import pstats
+
+        prof.disable()
+        st: Any = pstats.Stats(prof).stats
+        for (path, line, name), (_, ncalls, *_) in st.items():
+            counts[f"{_where(path, line)}:{name}"] = ncalls
+        print(json.dumps(counts))
+    elif mode == "ops":
+        print(json.dumps(counts))
+
+
+def _where(path: str, line: int) -> str:
+    if path == "~":
+        return "C"
+    parts = path.split(os.sep)
+    return "/".join(parts[-2:]) + f":{line}"
+
+
+def _trace_opcodes(counts: dict[str, int]) -> None:
+    """Count the bytecodes each Python function runs (threads too)."""
+    import threading
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if event == "call":
+            frame.f_trace_opcodes = True
+            code = frame.f_code
+            name = f"{_where(code.co_filename, code.co_firstlineno)}:{code.co_qualname}"
+
+            def local(frame: Any, event: str, arg: Any) -> Any:
+                if event == "opcode":
+                    counts[name] = counts.get(name, 0) + 1
+                return local
+
+            return local
+        return None
+
+    threading.settrace(tracer)
+    sys.settrace(tracer)
 
 
 def _sync_scenario(scen: str, variant: str, n: int) -> Any:
@@ -485,6 +637,7 @@ def _sync_scenario(scen: str, variant: str, n: int) -> Any:
     elif variant == "minimal":
         floor_group = MinimalSync()
         call = floor_group.do
+        group = None
     else:
         group = singleflight.Group[Any]()
         call = group.do_sync
@@ -745,11 +898,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="write the per-call figures of every variant here")
     p.add_argument("--jobs", type=int, default=2, help="valgrind runs at once")
     p.add_argument("--child", nargs=3, metavar=("SCEN", "VARIANT", "N"), help=argparse.SUPPRESS)
-    p.add_argument("--mem", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--profile",
+        metavar="ROW",
+        help="instead of the table: where one row's floor and ours spend their calls, bytecodes "
+        "and (with --c) machine instructions, per call",
+    )
+    p.add_argument("--c", action="store_true", help="with --profile: also callgrind by C function")
     args = p.parse_args(argv)
     if args.child:
         scen, variant, n = args.child
-        child(scen.removesuffix("-mem"), variant, int(n), args.mem)
+        child(scen.removesuffix("-mem"), variant, int(n), args.mode)
+        return
+    if args.profile:
+        rows = [r for r in ROWS if r.id == args.profile]
+        if not rows:
+            p.error(f"--profile: unknown row {args.profile}; choose from {','.join(IDS)}")
+        profile(rows[0], args.c)
         return
     chosen = set(args.only.split(",")) if args.only else set(IDS)
     unknown = chosen - set(IDS)
