@@ -32,12 +32,14 @@ Needs valgrind (``apt-get install valgrind``). The child interpreter is this one
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -434,8 +436,6 @@ class Minimal:
 
     async def do(self, key: Any, fn: Callable[[], Any]) -> Any:
         # Issue 15's floor, line for line (no *args: the work is a closure).
-        import asyncio
-
         m = self._m
         waiters = m.get(key)
         if waiters is not None:
@@ -460,8 +460,6 @@ class Minimal:
 
     async def call(self, key: Any, fn: Callable[..., Any], *args: Any) -> Any:
         """``do`` with the work's arguments: what a hand-written wrapper passes on."""
-        import asyncio
-
         m = self._m
         waiters = m.get(key)
         if waiters is not None:
@@ -496,8 +494,6 @@ class MinimalSync:
         self._lock = threading.Lock()
 
     def do(self, key: Any, fn: Callable[..., Any], *args: Any) -> Any:
-        import threading
-
         with self._lock:
             waiters = self._m.get(key)
             if waiters is None:
