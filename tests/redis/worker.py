@@ -111,7 +111,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         results = await asyncio.gather(*(one() for _ in range(args.requests)))
         wall = time.time() - t0
         if args.linger and tier is not None:
-            await asyncio.gather(*list(tier._tasks), return_exceptions=True)
+            await asyncio.gather(*list(tier._io.tasks), return_exceptions=True)
         return {
             "pid": os.getpid(),
             "t_start": t0,
