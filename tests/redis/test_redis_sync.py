@@ -53,7 +53,9 @@ class SyncWork:
 
 
 @pytest.fixture
-def make_sync(redis_server: RedisServer, redis_sync: redis.Redis) -> Iterator[Callable[..., RedisTier]]:
+def make_sync(
+    redis_server: RedisServer, redis_sync: redis.Redis
+) -> Iterator[Callable[..., RedisTier]]:
     made: list[tuple[RedisTier, redis.Redis]] = []
 
     def make(**options: Any) -> RedisTier:
