@@ -149,7 +149,9 @@ class Subscriptions:
         self._ready[channel] = ready
         self._subscribed.add(channel)
         if self._reader is None or self._reader.done():
-            self._reader = loop.create_task(self._read(), name="singleflight-redis-pubsub")
+            self._reader = loop.create_task(
+                self._read(self._pubsub), name="singleflight-redis-pubsub"
+            )
         return ready
 
     def release(self, listener: Listener) -> None:
@@ -192,8 +194,7 @@ class Subscriptions:
                     # re-subscribe them on reconnect, and _read() drops them again.
                     log.debug("singleflight: UNSUBSCRIBE failed: %r", exc)
 
-    async def _read(self) -> None:
-        pubsub = self._pubsub
+    async def _read(self, pubsub: Any) -> None:
         read = pubsub.get_sharded_message if self._sharded else pubsub.get_message
         message, subscribe, unsubscribe = self._kinds
         backoff = 0.05
