@@ -16,7 +16,9 @@ from .._group import Codec
 from ._core import BUSY, Core, KeyTrouble, RedisDown, classify, discard_async
 from ._format import DEFAULT_CODEC, Keys, key_digest
 from ._protocol import (
+    MISS,
     UNLISTEN,
+    UNREADABLE,
     Eval,
     Get,
     Lead,
@@ -29,6 +31,7 @@ from ._protocol import (
     bare,
     extend,
     finish,
+    hit,
     lookup,
     outcome,
 )
@@ -85,10 +88,15 @@ class AsyncIO:
             # re-election): the re-elected local leader carries on with it.
             orphan.handle.cancel()
             return await self._lead(orphan.lease, produce, codec, cacheable), "leader"
-        if core.skipping():
+        if core.down_until and core.skipping():
             return await produce(), "leader"
         try:
-            decision = await self._drive(lookup(core, keys, codec))
+            got = MISS
+            if not core.settings.stale_ttl:
+                got = hit(core, await self._op(Get(keys.value)), codec)
+                if got is not MISS and got is not UNREADABLE:
+                    return got, "shared"
+            decision = await self._drive(lookup(core, keys, codec, got))
         except RedisDown as down:
             core.went_down(down)
             core.fallbacks += 1
@@ -150,7 +158,13 @@ class AsyncIO:
                 result = await self._attempt(op)
             else:
                 async with asyncio.timeout(self._timeout):
-                    result = await self._attempt(op)
+                    try:  # the first attempt inline: one coroutine less on an L2 hit
+                        if isinstance(op, Get):
+                            result = await self._client.get(op.name)
+                        else:
+                            result = await self._eval(op)
+                    except BUSY:
+                        result = await self._attempt(op)
         except Exception as exc:
             trouble = classify(exc)
             if trouble is None:
@@ -161,7 +175,8 @@ class AsyncIO:
             if freed is not None:  # someone waits for a pooled connection: one is free now
                 self._freed = None
                 freed.set()
-        self._core.answered()
+        if self._core.backoff:
+            self._core.answered()
         return result
 
     async def _attempt(self, op: Get | Eval) -> Any:

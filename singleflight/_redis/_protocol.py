@@ -24,7 +24,9 @@ from ._format import BadRecord, Keys, decode_record, encode_record
 
 __all__ = (
     "ALONE",
+    "MISS",
     "UNLISTEN",
+    "UNREADABLE",
     "Eval",
     "Get",
     "Lead",
@@ -39,6 +41,7 @@ __all__ = (
     "extend",
     "finish",
     "follow",
+    "hit",
     "lookup",
     "outcome",
 )
@@ -50,7 +53,7 @@ log = logging.getLogger("singleflight.redis")
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1 us on the hot path
 class Get:
     """GET one name; the result is its bytes or None."""
 
@@ -58,7 +61,7 @@ class Get:
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1 us on the hot path
 class Eval:
     """Run one of ``_scripts.SCRIPTS`` (EVALSHA; loaded on the key's node on NOSCRIPT)."""
 
@@ -68,7 +71,7 @@ class Eval:
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1 us on the hot path
 class Listen:
     """Subscribe to a key's channel; returns once Redis acknowledged it (or ack_timeout)."""
 
@@ -76,7 +79,7 @@ class Listen:
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1 us on the hot path
 class Wait:
     """Wait for a message on the listened channel, at most ``seconds``."""
 
@@ -109,7 +112,7 @@ class Lease:
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1 us on the hot path
 class Served:
     """A value for the caller: role ``"shared"`` (Redis), ``"remote"`` or ``"stale"``."""
 
@@ -118,7 +121,7 @@ class Served:
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1 us on the hot path
 class Lead:
     """This process holds the lease: call upstream for the fleet."""
 
@@ -126,7 +129,7 @@ class Lead:
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs ~1 us on the hot path
 class Refresh:
     """Serve ``value`` stale now; this process won the lease to refresh it in the background."""
 
@@ -147,23 +150,35 @@ _ERR: Final = object()  # the holder's work raised
 # -- the steps -------------------------------------------------------------------------------
 
 
-def lookup(core: Core, keys: Keys, codec: Codec[Any]) -> Steps:
-    """One local leader's way to a decision: the shared value, a remote flight, or the lease."""
+MISS: Final = object()  # hit(): no value; run lookup()
+UNREADABLE: Final = object()  # hit(): a value this version cannot read; lookup() replaces it
+
+
+def hit(core: Core, raw: bytes | None, codec: Codec[Any]) -> Any:
+    """The first step when ``stale_ttl`` is 0: the value GET found, or MISS / UNREADABLE.
+
+    Without stale_ttl a value is fresh for as long as it exists, so an L2 hit needs only a
+    plain GET (``Get(keys.value)``, run by the driver without the generator: the hot path);
+    a miss pays one more round trip (before an upstream call).
+    """
+    if raw is None:
+        return MISS
+    try:
+        value = decode_value(raw, codec)
+    except BadRecord as exc:
+        log.debug("singleflight: unreadable value (%s); replacing it", exc)
+        return UNREADABLE
+    core.shared_hits += 1
+    return value
+
+
+def lookup(core: Core, keys: Keys, codec: Codec[Any], got: Any = MISS) -> Steps:
+    """One local leader's way to a decision: the shared value, a remote flight, or the lease.
+
+    ``got``: what ``hit`` said, if the driver ran it (UNREADABLE: LOOKUP ignores the value).
+    """
     settings = core.settings
-    skip_value = "0"
-    if not settings.stale_ttl:
-        # Without stale_ttl a value is fresh for as long as it exists, so an L2 hit needs
-        # only a plain GET; a miss pays one more round trip (before an upstream call).
-        raw = yield Get(keys.value)
-        if raw is not None:
-            try:
-                value = decode_value(raw, codec)
-            except BadRecord as exc:
-                log.debug("singleflight: unreadable value (%s); replacing it", exc)
-                skip_value = "1"
-            else:
-                core.shared_hits += 1
-                return Served(value, "shared")
+    skip_value = "1" if got is UNREADABLE else "0"
     token = secrets.token_hex(16)
     followed = False
     errors = 0

@@ -15,7 +15,9 @@ from .._group import Codec
 from ._core import BUSY, Core, KeyTrouble, RedisDown, classify, discard_sync
 from ._format import DEFAULT_CODEC, Keys, key_digest
 from ._protocol import (
+    MISS,
     UNLISTEN,
+    UNREADABLE,
     Eval,
     Get,
     Lead,
@@ -28,6 +30,7 @@ from ._protocol import (
     bare,
     extend,
     finish,
+    hit,
     lookup,
     outcome,
 )
@@ -69,10 +72,15 @@ class Threads:
         codec = DEFAULT_CODEC if codec is None else codec
         core = self._core
         keys = Keys.of(core.settings.namespace, key_digest(key))
-        if core.skipping():
+        if core.down_until and core.skipping():
             return produce(), "leader"
         try:
-            decision = self._drive(lookup(core, keys, codec))
+            got = MISS
+            if not core.settings.stale_ttl:
+                got = hit(core, self.op(Get(keys.value)), codec)
+                if got is not MISS and got is not UNREADABLE:
+                    return got, "shared"
+            decision = self._drive(lookup(core, keys, codec, got))
         except RedisDown as down:
             core.went_down(down)
             core.fallbacks += 1
@@ -138,7 +146,8 @@ class Threads:
             if self._pool_waiters:  # someone waits for a pooled connection: one is free now
                 with self._freed:
                     self._freed.notify_all()
-        self._core.answered()
+        if self._core.backoff:
+            self._core.answered()
         return result
 
     def _attempt(self, op: Get | Eval) -> Any:
