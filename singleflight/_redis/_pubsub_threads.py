@@ -97,7 +97,7 @@ class ThreadSubscriptions:
                     self._drop(listener)
                     raise
                 self._ready[channel] = ready
-                if self._thread is None:
+                if self._thread is None or not self._thread.is_alive():  # (or lost to a fork)
                     self._thread = threading.Thread(target=self._read, name=self._name, daemon=True)
                     self._thread.start()
         # Bounded: an ack lost to a reconnect must not hang the caller, who polls anyway.

@@ -299,7 +299,7 @@ class _Renewer:
         with self._cond:
             self._due[id(lease)] = (time.monotonic() + self._period, lease)
             self._cond.notify()
-            if self._thread is None and not self._stop:
+            if (self._thread is None or not self._thread.is_alive()) and not self._stop:
                 self._thread = threading.Thread(
                     target=self._run, name="sf-redis-renew", daemon=True
                 )
