@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sys
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
@@ -180,6 +181,9 @@ class AsyncIO:
         return result
 
     async def _attempt(self, op: Get | Eval) -> Any:
+        loop = asyncio.get_running_loop()
+        budget = self._core.settings.timeout  # (3.10 has no asyncio.timeout around us)
+        deadline = math.inf if budget is None else loop.time() + budget
         while True:
             try:
                 if isinstance(op, Get):
@@ -188,6 +192,8 @@ class AsyncIO:
             except BUSY:
                 # The pool is exhausted: back-pressure, not an outage. Wait for one of our
                 # commands to end (or 50 ms, for the pool's other users), within the budget.
+                if loop.time() >= deadline:
+                    raise
                 if self._freed is None:
                     self._freed = asyncio.Event()
                 with contextlib.suppress(asyncio.TimeoutError):

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, final
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 __all__ = ("Listener", "Subscriptions", "deadline")
 
@@ -203,7 +203,7 @@ class Subscriptions:
                 msg = await read(timeout=self._poll)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 # redis-py reconnects and re-subscribes on the next read; messages sent
                 # meanwhile are lost, so wake everyone to re-check now.
                 log.debug("singleflight: pub/sub connection lost: %r", exc)

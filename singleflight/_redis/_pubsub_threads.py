@@ -7,7 +7,7 @@ import threading
 from collections import deque
 from typing import Any, final
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 __all__ = ("ThreadListener", "ThreadSubscriptions")
 
@@ -153,7 +153,7 @@ class ThreadSubscriptions:
                 self._flush_idle()
             try:
                 msg = read(timeout=self._poll)
-            except (RedisError, OSError, ValueError, AttributeError) as exc:
+            except (RedisError, RedisClusterException, OSError, ValueError, AttributeError) as exc:
                 # redis-py reconnects and re-subscribes on the next read; messages sent
                 # meanwhile are lost, so wake everyone to re-check now. (ValueError,
                 # AttributeError: a socket closed under the read by close().)

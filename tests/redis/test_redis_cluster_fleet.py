@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-from conftest import RedisCluster, RedisServer
+from conftest import RedisCluster
 from redis_fleet import Fleet
 
 from singleflight.testing import LoopbackUpstream
@@ -167,18 +166,3 @@ def _failover(
             f"{extra} extra; fleet coalescing lost for {window:.1f}s "
             f"(from {min(r['t0'] for r in fallen) - killed_at:+.1f}s after the kill)"
         )
-
-
-def test_single_redis_fleet_async_and_sync_processes_share_flights(
-    redis_server: RedisServer, redis_sync: redis.Redis, upstream: LoopbackUpstream
-) -> None:
-    url = f"{upstream.url}/mixed?delay=0.3"
-    args = ("--url", url, "--requests", "20")
-    a, s = fleets(
-        Fleet(redis_server.url, 3, *args, "--mode", "httpx"),
-        Fleet(redis_server.url, 3, *args, "--mode", "sync"),
-    )
-    assert upstream.hits("/mixed") == 1
-    assert len({r["body"] for r in calls(a + s)}) == 1
-    assert sum(w["stats"]["fleet_leads"] for w in a + s) == 1
-    assert not list(redis_sync.scan_iter(match="*:lease"))
