@@ -163,7 +163,7 @@ class SingleflightMiddleware:
 
         # A follower waits until the shared request is silent for its own sock_read: that request
         # runs on the leader's timeouts, and each re-elected leader's would add up otherwise.
-        # (With a tier, another process may hold the flight: arm our deadline anyway.)
+        # With a tier another process may hold the flight: arm our deadline anyway (issue 14)
         budget = sock_read() if key in self._group or self._group.tier is not None else None
         try:
             if budget is None:

@@ -119,7 +119,7 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
             return await self._fetch(request, progress_of(policy.group, key))
 
         try:
-            # (With a tier, another process may hold the flight: arm our deadline anyway.)
+            # With a tier another process may hold the flight: arm our deadline (issue 14)
             if budget is None or (not in_flight(policy.group, key) and policy.group.tier is None):
                 # Nothing to wait for: this call leads at once (fetch runs before the first
                 # await), so no deadline is armed. A sync thread may take the lead in between;
