@@ -221,8 +221,9 @@ def singleflight(
     def decorate(f: Callable[P, R]) -> Singleflight[P, R]:
         if not callable(f):
             raise TypeError(f"@singleflight decorates a function, got {f!r}")
-        if tier is not None:  # sync tier (issue 14)
-            tier.require(inspect.iscoroutinefunction(f), f"@singleflight {f.__qualname__}")
+        check = getattr(tier, "require", None)  # sync tier (issue 14)
+        if check is not None:  # sync tier (issue 14)
+            check(inspect.iscoroutinefunction(f), f"@singleflight {f.__qualname__}")
         store = (
             cache if cache is not None else (TTLCache(maxsize, ttl) if ttl is not None else None)
         )

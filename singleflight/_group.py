@@ -70,8 +70,6 @@ class Tier(Protocol):
         cacheable: Callable[[Any], bool] | None,
     ) -> tuple[Any, str]: ...  # sync tier (issue 14)
 
-    def require(self, is_async: bool, user: str) -> None: ...  # sync tier (issue 14)
-
 
 @final
 @dataclass(frozen=True, slots=True)

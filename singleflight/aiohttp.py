@@ -103,7 +103,7 @@ class SingleflightMiddleware:
         group: Group[Any] | None = None,
         tier: Any = None,
     ) -> None:
-        if tier is not None:  # sync tier (issue 14)
+        if hasattr(tier, "require"):  # sync tier (issue 14)
             tier.require(True, "SingleflightMiddleware")  # sync tier (issue 14)
         self._options = HTTPOptions.build(
             methods=methods,

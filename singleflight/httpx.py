@@ -88,7 +88,7 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
                 f"inner must be an httpx.AsyncBaseTransport, got {type(inner).__name__}; "
                 "pass e.g. httpx.AsyncHTTPTransport() (use SingleflightTransport for a sync one)"
             )
-        if tier is not None:  # sync tier (issue 14)
+        if hasattr(tier, "require"):  # sync tier (issue 14)
             tier.require(True, "AsyncSingleflightTransport")  # sync tier (issue 14)
         self._policy = Policy(
             methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier
@@ -209,7 +209,7 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         group: Group[Any] | None = None,
         tier: Any = None,  # sync tier (issue 14)
     ) -> None:
-        if tier is not None:  # sync tier (issue 14)
+        if hasattr(tier, "require"):  # sync tier (issue 14)
             tier.require(False, "SingleflightTransport")  # sync tier (issue 14)
         if inner is not None and not isinstance(inner, httpx.BaseTransport):
             raise TypeError(
