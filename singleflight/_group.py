@@ -68,6 +68,7 @@ class Tier(Protocol):
         produce: Callable[[], Any],
         codec: Codec[Any] | None,
         cacheable: Callable[[Any], bool] | None,
+        wait: float | None = None,
     ) -> tuple[Any, str]: ...  # sync tier (issue 14)
 
 
@@ -295,7 +296,8 @@ class Group(Generic[V]):
 
     def _land_failed(self, key: Hashable, flight: list[Any], exc: BaseException) -> None:
         """The leader's run raised: hand the flight over, or share the error."""
-        if isinstance(exc, self._reelect) or _is_cancellation(exc):
+        reelect = getattr(exc, "singleflight_reelect", False)  # sync tier (issue 14)
+        if reelect or isinstance(exc, self._reelect) or _is_cancellation(exc):
             # Its own cancellation or deadline, or its coroutine closed with its loop: not an
             # outcome the followers should see. One of them leads the flight from here.
             self._reelections += 1
@@ -505,7 +507,11 @@ class Group(Generic[V]):
                     else:  # sync tier (issue 14)
                         run = self._tier.run_sync  # sync tier (issue 14)
                         value, role = run(  # type: ignore[assignment]  # sync tier (issue 14)
-                            key, functools.partial(fn, *args, **kwargs), self._codec, self._cache_if
+                            key,
+                            functools.partial(fn, *args, **kwargs),
+                            self._codec,
+                            self._cache_if,
+                            timeout,
                         )  # sync tier (issue 14)
                 except BaseException as exc:
                     self._land_failed(key, flight, exc)

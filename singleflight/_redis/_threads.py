@@ -37,9 +37,19 @@ from ._protocol import (
 from ._pubsub_threads import ThreadListener, ThreadSubscriptions
 from ._scripts import SCRIPTS
 
-__all__ = ("Threads",)
+__all__ = ("FleetWaitTimeout", "Threads")
 
 log = logging.getLogger("singleflight.redis")
+
+
+class FleetWaitTimeout(TimeoutError):
+    """The caller's budget ran out while it waited for another process's flight.
+
+    ``singleflight_reelect``: the Group hands the local flight to a follower, which waits with
+    its own budget, instead of failing every local caller with this one's timeout.
+    """
+
+    singleflight_reelect = True
 
 
 class Threads:
@@ -68,6 +78,7 @@ class Threads:
         produce: Callable[[], Any],
         codec: Codec[Any] | None,
         cacheable: Callable[[Any], bool] | None,
+        wait: float | None = None,
     ) -> tuple[Any, str]:
         codec = DEFAULT_CODEC if codec is None else codec
         core = self._core
@@ -80,7 +91,8 @@ class Threads:
                 got = hit(core, self.op(Get(keys.value)), codec)
                 if got is not MISS and got is not UNREADABLE:
                     return got, "shared"
-            decision = self._drive(lookup(core, keys, codec, got))
+            deadline = math.inf if wait is None else time.monotonic() + wait
+            decision = self._drive(lookup(core, keys, codec, got), deadline)
         except RedisDown as down:
             core.went_down(down)
             core.fallbacks += 1
@@ -101,7 +113,7 @@ class Threads:
 
     # -- running the steps ------------------------------------------------------------------
 
-    def _drive(self, steps: Steps) -> Any:
+    def _drive(self, steps: Steps, deadline: float = math.inf) -> Any:
         listener: ThreadListener | None = None
         result: Any = None
         try:
@@ -114,7 +126,12 @@ class Threads:
                     result = self.op(op)
                 elif isinstance(op, Wait):
                     assert listener is not None
-                    result = listener.wait(op.seconds)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise FleetWaitTimeout(
+                            "waited the caller's budget for another process's flight"
+                        )
+                    result = listener.wait(min(op.seconds, left))
                 elif isinstance(op, Listen):
                     try:
                         listener = self._subs.listen(op.channel)

@@ -153,13 +153,19 @@ class RedisTier:
         produce: Callable[[], Any],
         codec: Codec[Any] | None,
         cacheable: Callable[[Any], bool] | None,
+        wait: float | None = None,
     ) -> tuple[Any, str]:
-        """run_sync is ``run`` for a thread (a sync client): blocks until the value is there."""
+        """run_sync is ``run`` for a thread (a sync client): blocks until the value is there.
+
+        ``wait``: the caller's budget for waiting on another process's flight (its read
+        timeout); then ``FleetWaitTimeout``, which the Group answers by re-electing a local
+        follower (with its own budget), as a cancelled async leader is.
+        """
         io = self._io
         if not isinstance(io, Threads):
             self.require(False, "Group.do_sync()")
             raise AssertionError  # require raised
-        return io.run(key, produce, codec, cacheable)
+        return io.run(key, produce, codec, cacheable, wait)
 
     # -- lifecycle --------------------------------------------------------------------------
 

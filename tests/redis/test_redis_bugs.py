@@ -28,7 +28,7 @@ from singleflight import Group
 from singleflight._redis._format import Keys, key_digest
 from singleflight._redis._protocol import Eval
 from singleflight.aiohttp import SingleflightMiddleware
-from singleflight.httpx import AsyncSingleflightTransport
+from singleflight.httpx import AsyncSingleflightTransport, SingleflightTransport
 from singleflight.redis import RedisTier
 from singleflight.testing import LoopbackUpstream
 
@@ -260,3 +260,40 @@ def test_pool_exhaustion_waits_for_a_connection_sync(
     finally:
         tier.close()
         client.close()
+
+
+def test_sync_read_timeout_bounds_the_wait_on_another_process(
+    redis_server: RedisServer, upstream: LoopbackUpstream
+) -> None:
+    # The sync transport: the thread that waits for another process's flight gives up after
+    # its own read timeout; a local follower with a longer one is re-elected and keeps waiting.
+    url = f"{upstream.url}/held?gate=held3"
+    clients = [redis_server.sync_client() for _ in range(2)]
+    tiers = [RedisTier(c) for c in clients]
+    a = httpx.Client(transport=SingleflightTransport(tier=tiers[0]), timeout=30)
+    b = httpx.Client(transport=SingleflightTransport(tier=tiers[1]))
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            lead = pool.submit(a.get, url)
+            upstream.wait_for_hits(1, "/held")
+            t0 = time.monotonic()
+            short = pool.submit(b.get, url, timeout=httpx.Timeout(30, read=0.5))
+            deadline = time.monotonic() + 5
+            while tiers[1].stats.remote_follows == 0:  # b's local leader follows a's flight
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            patient = pool.submit(b.get, url, timeout=30)
+            with pytest.raises(httpx.ReadTimeout):
+                short.result(10)
+            assert time.monotonic() - t0 < 2.5
+            upstream.open_gate("held3")
+            assert lead.result(10).status_code == 200
+            got = patient.result(10)
+            assert got.status_code == 200 and got.extensions["singleflight"] == "remote"
+        assert upstream.hits("/held") == 1
+    finally:
+        a.close()
+        b.close()
+        for tier, client in zip(tiers, clients, strict=True):
+            tier.close()
+            client.close()

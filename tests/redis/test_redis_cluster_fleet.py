@@ -88,10 +88,11 @@ def test_cluster_leader_sigkill_is_taken_over(
 ) -> None:
     lease_ttl, poll_max, delay = 2.0, 0.5, 2.0
     url = f"{upstream.url}/crash?delay={delay}"
+    # Sync processes: the async ones are SIGKILLed in test_redis_fleet.py.
     fleet = Fleet(
         cluster.url, 4, "--cluster", "--url", url, "--requests", "10", "--mode", "sync",
         "--lease-ttl", str(lease_ttl), "--poll-max", str(poll_max),
-    )  # fmt: skip  (sync processes: the async ones are SIGKILLed in test_redis_fleet.py)
+    )  # fmt: skip
     fleet.wait_ready()
     fleet.go()
     upstream.wait_for_hits(1, "/crash", timeout=20)
