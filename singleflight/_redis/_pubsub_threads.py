@@ -66,6 +66,7 @@ class ThreadSubscriptions:
         self._ready: dict[bytes, threading.Event] = {}  # per channel: SUBSCRIBE acked
         self._idle: set[bytes] = set()  # released channels, unsubscribed by the reader
         self._stop = threading.Event()
+        self._work = threading.Event()  # set by listen() and close(): the reader has work
         self._thread: threading.Thread | None = None
 
     @property
@@ -100,6 +101,7 @@ class ThreadSubscriptions:
                 if self._thread is None or not self._thread.is_alive():  # (or lost to a fork)
                     self._thread = threading.Thread(target=self._read, name=self._name, daemon=True)
                     self._thread.start()
+        self._work.set()
         # Bounded: an ack lost to a reconnect must not hang the caller, who polls anyway.
         ready.wait(self._ack_timeout)
         return listener
@@ -142,6 +144,7 @@ class ThreadSubscriptions:
             return False
         del self._listeners[listener.channel]
         self._ready.pop(listener.channel, None)
+        self._acks.pop(listener.channel, None)  # a late ack finds nobody: unsubscribed again
         return True
 
     def _read(self) -> None:
@@ -151,6 +154,12 @@ class ThreadSubscriptions:
         while not self._stop.is_set():
             if self._idle:
                 self._flush_idle()
+            if not self._listeners and not self._acks:
+                # Nobody waits: sleep until a listen() (redis-py 8.1's sharded read returns at
+                # once with nothing subscribed; polling here would spin).
+                self._work.wait(1.0)
+                self._work.clear()
+                continue
             try:
                 msg = read(timeout=self._poll)
             except (RedisError, RedisClusterException, OSError, ValueError, AttributeError) as exc:
@@ -198,6 +207,7 @@ class ThreadSubscriptions:
         """close stops the subscriber thread (within about one poll) and closes its PubSub."""
         with self._lock:
             self._stop.set()
+            self._work.set()
             thread = self._thread
             if thread is None and self._pubsub is not None:
                 pubsub, self._pubsub = self._pubsub, None
