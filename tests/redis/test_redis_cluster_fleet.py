@@ -122,7 +122,7 @@ def test_cluster_master_killed_mid_run(
 def _failover(
     cluster: RedisCluster, upstream: LoopbackUpstream, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    keys, duration = 6, 12.0
+    keys, duration = 6, 10.0
     url = f"{upstream.url}/fo?delay=0.1"
     args = ("--cluster", "--url", url, "--requests", "12", "--keys", str(keys))
     args += ("--duration", str(duration), "--lease-ttl", "2", "--poll-max", "0.3")
