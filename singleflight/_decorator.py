@@ -197,7 +197,7 @@ def singleflight(
             ``cachetools.TTLCache`` of ``maxsize`` entries). Exceptions are never cached.
         maxsize: the most results kept when ``ttl`` is set.
         cache: your own mapping of results instead of ``ttl``/``maxsize``.
-        tier: a shared tier (``singleflight.redis.RedisTier``); async functions only.
+        tier: a shared tier (``singleflight.redis.RedisTier``), sync or async like the function.
     """
     if key is not None and not callable(key):
         raise TypeError(f"key must be a callable returning a hashable key, got {key!r}")
@@ -221,11 +221,9 @@ def singleflight(
     def decorate(f: Callable[P, R]) -> Singleflight[P, R]:
         if not callable(f):
             raise TypeError(f"@singleflight decorates a function, got {f!r}")
-        if tier is not None and not inspect.iscoroutinefunction(f):
-            raise TypeError(
-                f"@singleflight(tier=...) needs an async function, {f.__qualname__} is sync; "
-                "drop tier= or make it async"
-            )
+        check = getattr(tier, "require", None)  # sync tier (issue 14)
+        if check is not None:  # sync tier (issue 14)
+            check(inspect.iscoroutinefunction(f), f"@singleflight {f.__qualname__}")
         store = (
             cache if cache is not None else (TTLCache(maxsize, ttl) if ttl is not None else None)
         )

@@ -62,6 +62,15 @@ class Tier(Protocol):
         cacheable: Callable[[Any], bool] | None,
     ) -> tuple[Any, str]: ...
 
+    def run_sync(  # sync tier (issue 14)
+        self,
+        key: Hashable,
+        produce: Callable[[], Any],
+        codec: Codec[Any] | None,
+        cacheable: Callable[[Any], bool] | None,
+        wait: float | None = None,
+    ) -> tuple[Any, str]: ...  # sync tier (issue 14)
+
 
 @final
 @dataclass(frozen=True, slots=True)
@@ -287,7 +296,8 @@ class Group(Generic[V]):
 
     def _land_failed(self, key: Hashable, flight: list[Any], exc: BaseException) -> None:
         """The leader's run raised: hand the flight over, or share the error."""
-        if isinstance(exc, self._reelect) or _is_cancellation(exc):
+        reelect = getattr(exc, "singleflight_reelect", False)  # sync tier (issue 14)
+        if reelect or isinstance(exc, self._reelect) or _is_cancellation(exc):
             # Its own cancellation or deadline, or its coroutine closed with its loop: not an
             # outcome the followers should see. One of them leads the flight from here.
             self._reelections += 1
@@ -474,11 +484,6 @@ class Group(Generic[V]):
         if value is not _MISSING:
             self._cache_hits += 1
             return value, "cache"
-        if self._tier is not None:
-            raise TypeError(
-                "a Group with a tier serves async work only (await group.do(...)); "
-                "use a Group without tier= for do_sync"
-            )
         owned: list[Any] | None = None
         while True:
             if owned is not None:
@@ -495,14 +500,25 @@ class Group(Generic[V]):
             if lead:
                 self._leaders += 1
                 SYNC_LEADERS[0] += 1
+                role: Role = "leader"
                 try:
-                    value = fn(*args, **kwargs)
+                    if self._tier is None:
+                        value = fn(*args, **kwargs)
+                    else:  # sync tier (issue 14)
+                        run = self._tier.run_sync  # sync tier (issue 14)
+                        value, role = run(  # type: ignore[assignment]  # sync tier (issue 14)
+                            key,
+                            functools.partial(fn, *args, **kwargs),
+                            self._codec,
+                            self._cache_if,
+                            timeout,
+                        )  # sync tier (issue 14)
                 except BaseException as exc:
                     self._land_failed(key, flight, exc)
                     raise
                 finally:
                     SYNC_LEADERS[0] -= 1
-                return self._land_value(key, flight, value, "leader")
+                return self._land_value(key, flight, value, role)
             if is_reentrant(flight, whole_stack=True):
                 self._map.leave(flight, waiter)
                 raise reentrancy_error(key)

@@ -103,6 +103,8 @@ class SingleflightMiddleware:
         group: Group[Any] | None = None,
         tier: Any = None,
     ) -> None:
+        if hasattr(tier, "require"):  # sync tier (issue 14)
+            tier.require(True, "SingleflightMiddleware")  # sync tier (issue 14)
         self._options = HTTPOptions.build(
             methods=methods,
             ttl=ttl,
@@ -161,7 +163,8 @@ class SingleflightMiddleware:
 
         # A follower waits until the shared request is silent for its own sock_read: that request
         # runs on the leader's timeouts, and each re-elected leader's would add up otherwise.
-        budget = sock_read() if key in self._group else None
+        # With a tier another process may hold the flight: arm our deadline anyway (issue 14)
+        budget = sock_read() if key in self._group or self._group.tier is not None else None
         try:
             if budget is None:
                 value, role = await self._group.do_with_role(key, fetch)

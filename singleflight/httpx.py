@@ -88,6 +88,8 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
                 f"inner must be an httpx.AsyncBaseTransport, got {type(inner).__name__}; "
                 "pass e.g. httpx.AsyncHTTPTransport() (use SingleflightTransport for a sync one)"
             )
+        if hasattr(tier, "require"):  # sync tier (issue 14)
+            tier.require(True, "AsyncSingleflightTransport")  # sync tier (issue 14)
         self._policy = Policy(
             methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier
         )
@@ -117,7 +119,8 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
             return await self._fetch(request, progress_of(policy.group, key))
 
         try:
-            if budget is None or not in_flight(policy.group, key):
+            # With a tier another process may hold the flight: arm our deadline (issue 14)
+            if budget is None or (not in_flight(policy.group, key) and policy.group.tier is None):
                 # Nothing to wait for: this call leads at once (fetch runs before the first
                 # await), so no deadline is armed. A sync thread may take the lead in between;
                 # then the wait is bounded by that leader's own timeouts and re-election.
@@ -204,15 +207,18 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         ignore_headers: Iterable[str] = DEFAULT_IGNORE_HEADERS,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         group: Group[Any] | None = None,
+        tier: Any = None,  # sync tier (issue 14)
     ) -> None:
+        if hasattr(tier, "require"):  # sync tier (issue 14)
+            tier.require(False, "SingleflightTransport")  # sync tier (issue 14)
         if inner is not None and not isinstance(inner, httpx.BaseTransport):
             raise TypeError(
                 f"inner must be an httpx.BaseTransport, got {type(inner).__name__}; pass e.g. "
                 "httpx.HTTPTransport() (use AsyncSingleflightTransport for an async one)"
             )
         self._policy = Policy(
-            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, None
-        )
+            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier
+        )  # sync tier (issue 14): tier, was None
         self._inner = inner if inner is not None else httpx.HTTPTransport()
 
     @property

@@ -1,16 +1,21 @@
 """Redis tier: one upstream call per key for a whole fleet of processes, and a shared cache.
 
 ```python
-import redis.asyncio as redis
+import redis, redis.asyncio
 from singleflight.redis import RedisTier
 
-tier = RedisTier(redis.Redis(), namespace="sf", ttl=30.0, stale_ttl=0.0, lease_ttl=10.0)
+tier = RedisTier(redis.asyncio.Redis(), namespace="sf", ttl=30.0)  # async work
 client = httpx.AsyncClient(transport=AsyncSingleflightTransport(tier=tier))
-group = Group(tier=tier)  # async do() only; values: bytes, str or JSON (or pass codec=)
+group = Group(tier=tier)  # await group.do(...); values: bytes, str or JSON (or pass codec=)
+
+sync_tier = RedisTier(redis.Redis(socket_timeout=2))  # threads: do_sync, sync transport
+client = httpx.Client(transport=SingleflightTransport(tier=sync_tier))
 ```
 
-See docs/redis.md for the design: lease, pub/sub + polling, crash takeover, stale values,
-fallback when Redis is down, and why the value format is JSON + bytes and never pickle.
+``redis.asyncio.RedisCluster`` / ``redis.RedisCluster`` work the same (one slot per key,
+sharded pub/sub). See docs/redis.md for the design: lease, pub/sub + polling, crash takeover,
+stale values, fallback when Redis is down, and why the value format is JSON + bytes and never
+pickle.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ try:
     import redis.asyncio  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "singleflight.redis needs the redis package (redis-py >= 5): "
+        "singleflight.redis needs the redis package (redis-py >= 8.1): "
         "pip install singleflight-http[redis]"
     ) from exc
 

@@ -1,4 +1,4 @@
-"""One shared PubSub connection per tier, with a dispatcher task that wakes the waiters."""
+"""asyncio: one shared PubSub per tier (sharded on a cluster) and a task that wakes waiters."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, final
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 __all__ = ("Listener", "Subscriptions", "deadline")
 
 log = logging.getLogger("singleflight.redis")
+_PLAIN = ("message", "subscribe", "unsubscribe")
 
 
 @contextlib.asynccontextmanager
@@ -82,9 +82,14 @@ class Subscriptions:
     """
 
     def __init__(
-        self, client: aioredis.Redis, ack_timeout: float, send_timeout: float | None
+        self, client: Any, ack_timeout: float, send_timeout: float | None, sharded: bool = False
     ) -> None:
         self._client = client
+        # Sharded (SSUBSCRIBE, on a cluster): one connection per shard, healed by redis-py
+        # after a failover; polled briefly, as redis-py 8.2 holds a shard's lock per poll.
+        self._sharded = sharded
+        self._poll = 0.05 if sharded else 1.0
+        self._kinds = ("smessage", "ssubscribe", "sunsubscribe") if sharded else _PLAIN
         self._ack_timeout = ack_timeout
         self._send_timeout = send_timeout
         self._pubsub: Any = None  # redis.asyncio.client.PubSub, created on first use
@@ -134,14 +139,19 @@ class Subscriptions:
         self._acks.setdefault(channel, deque()).append(ready)
         try:
             async with deadline(self._send_timeout):
-                await self._pubsub.subscribe(channel)
+                if self._sharded:
+                    await self._pubsub.ssubscribe(channel)
+                else:
+                    await self._pubsub.subscribe(channel)
         except BaseException:
             self._acks[channel].remove(ready)
             raise
         self._ready[channel] = ready
         self._subscribed.add(channel)
         if self._reader is None or self._reader.done():
-            self._reader = loop.create_task(self._read(), name="singleflight-redis-pubsub")
+            self._reader = loop.create_task(
+                self._read(self._pubsub), name="singleflight-redis-pubsub"
+            )
         return ready
 
     def release(self, listener: Listener) -> None:
@@ -175,21 +185,25 @@ class Subscriptions:
                 self._subscribed.difference_update(idle)
                 try:
                     async with deadline(self._send_timeout):
-                        await self._pubsub.unsubscribe(*idle)
+                        if self._sharded:
+                            await self._pubsub.sunsubscribe(*idle)
+                        else:
+                            await self._pubsub.unsubscribe(*idle)
                 except (RedisError, OSError) as exc:
                     # Redis drops the subscriptions of a dead connection; redis-py would
                     # re-subscribe them on reconnect, and _read() drops them again.
                     log.debug("singleflight: UNSUBSCRIBE failed: %r", exc)
 
-    async def _read(self) -> None:
-        pubsub = self._pubsub
+    async def _read(self, pubsub: Any) -> None:
+        read = pubsub.get_sharded_message if self._sharded else pubsub.get_message
+        message, subscribe, unsubscribe = self._kinds
         backoff = 0.05
         while True:
             try:
-                msg = await pubsub.get_message(timeout=1.0)
+                msg = await read(timeout=self._poll)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError) as exc:
                 # redis-py reconnects and re-subscribes on the next read; messages sent
                 # meanwhile are lost, so wake everyone to re-check now.
                 log.debug("singleflight: pub/sub connection lost: %r", exc)
@@ -208,10 +222,12 @@ class Subscriptions:
                 continue
             kind = msg["type"]
             channel = msg["channel"]
-            if kind == "message":
+            if kind == message or (kind == unsubscribe and channel in self._listeners):
+                # (An unsubscribe while someone listens: the slot moved, or ours crossed a
+                # new listen; redis-py re-subscribes, and the listeners re-check now.)
                 for listener in tuple(self._listeners.get(channel, ())):
                     listener.notify()
-            elif kind == "subscribe":
+            elif kind == subscribe:
                 acks = self._acks.get(channel)
                 if acks:
                     _settle(acks.popleft())

@@ -7,9 +7,11 @@ the workers' clocks never matter.
 
 from __future__ import annotations
 
-from typing import Final
+import hashlib
+from dataclasses import dataclass
+from typing import Final, final
 
-__all__ = ("CHECK", "EXTEND", "FINISH", "LOOKUP")
+__all__ = ("CHECK", "EXTEND", "FINISH", "LOOKUP", "SCRIPTS", "Script")
 
 LOOKUP: Final = """
 -- KEYS: value, lease   ARGV: token, lease_ms, stale_ms, skip_value ('1': ignore the value)
@@ -59,8 +61,9 @@ return 0
 
 FINISH: Final = """
 -- KEYS: value, lease, result:<token>
--- ARGV: token, mode ('value' | 'result'), record, px, channel
--- Stores the outcome, drops the lease if it is still ours, and tells the followers.
+-- ARGV: token, mode ('value' | 'result'), record, px, channel, 'PUBLISH' | 'SPUBLISH'
+-- Stores the outcome, drops the lease if it is still ours, and tells the followers (sharded
+-- pub/sub on a cluster: the channel shares the keys' hash tag, so its slot is this node's).
 -- Returns 1 if we still held the lease, 0 if we had lost it.
 local mine = redis.call('GET', KEYS[2]) == ARGV[1]
 if ARGV[2] == 'value' then
@@ -75,6 +78,26 @@ else
   redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 end
 if mine then redis.call('DEL', KEYS[2]) end
-redis.call('PUBLISH', ARGV[5], ARGV[1])
+redis.call(ARGV[6], ARGV[5], ARGV[1])
 return mine and 1 or 0
 """
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Script:
+    """One script's text and its SHA1 (what EVALSHA names; loaded on the key's node on NOSCRIPT)."""
+
+    name: str
+    text: str
+    sha: str
+
+    @classmethod
+    def of(cls, name: str, text: str) -> Script:
+        return cls(name, text, hashlib.sha1(text.encode()).hexdigest())  # noqa: S324
+
+
+SCRIPTS: Final = {
+    name: Script.of(name, text)
+    for name, text in (("lookup", LOOKUP), ("check", CHECK), ("extend", EXTEND), ("finish", FINISH))
+}

@@ -29,7 +29,11 @@ class Fleet:
         self.ready_key = f"test:ready:{tag}"
         self.gate_key = f"test:gate:{tag}"
         self.stdin_gate = stdin_gate
-        self.redis = redis.Redis.from_url(redis_url, socket_timeout=60)
+        self.redis: Any = (
+            redis.RedisCluster.from_url(redis_url, socket_timeout=60)
+            if "--cluster" in args
+            else redis.Redis.from_url(redis_url, socket_timeout=60)
+        )
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         cmd = [sys.executable, "-m", "tests.redis.worker", "--redis", redis_url, *args]
         if stdin_gate:

@@ -122,13 +122,13 @@ async def test_options_are_validated(options: dict[str, Any], error: type, match
     await client.aclose()
 
 
-async def test_client_must_be_async_and_binary() -> None:
-    with pytest.raises(TypeError, match="redis.asyncio.Redis"):
-        RedisTier(redis.Redis())  # type: ignore[arg-type]
-    client = aioredis.Redis(decode_responses=True)
-    with pytest.raises(ValueError, match="decode_responses=False"):
-        RedisTier(client)
-    await client.aclose()
+async def test_client_must_be_redis_py_and_binary() -> None:
+    with pytest.raises(TypeError, match=r"redis.asyncio.Redis\(...\) for async code"):
+        RedisTier(object())
+    for client in (aioredis.Redis(decode_responses=True), redis.Redis(decode_responses=True)):
+        with pytest.raises(ValueError, match="decode_responses=False"):
+            RedisTier(client)
+    assert RedisTier(aioredis.Redis()).is_async and not RedisTier(redis.Redis()).is_async
 
 
 def test_import_error_names_the_extra() -> None:
@@ -480,7 +480,7 @@ async def test_subscribe_race_is_closed_by_the_recheck(
         paused.set()
         await go_on.wait()
 
-    b._before_subscribe = pause
+    b._io.before_subscribe = pause
     follow = asyncio.create_task(b.run("k", Work("unused"), None, None))
     await paused.wait()
     held.release()
@@ -625,7 +625,7 @@ async def test_redis_stopping_mid_life_then_coming_back(
             assert await tier.run("k", Work("b"), None, None) == ("b", "leader")
             assert tier.stats.fallbacks == 1
             server.start()  # same port
-            tier._down_until = 0.0  # skip the rest of the back-off (1 s) in this test
+            tier._core.down_until = 0.0  # skip the rest of the back-off (1 s) in this test
             assert await tier.run("k", Work("c"), None, None) == ("c", "leader")
         assert tier.stats.fleet_leads == 2
         assert "reachable again" in caplog.text
