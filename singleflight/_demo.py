@@ -44,6 +44,7 @@ class Result:
     served: dict[str, int] = field(default_factory=dict)
     failed: int = 0  # callers whose GET raised
     error: str | None = None  # the first failure (a caller's, or the whole mode's)
+    gave_up: int = 0  # callers that reached --timeout before their answer came
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     upstream_at_ms: list[float] = field(default_factory=list, repr=False)
 
@@ -59,6 +60,7 @@ class Result:
             "served": self.served,
             "failed": self.failed,
             "error": self.error,
+            "gave_up": self.gave_up,
         }
 
 
@@ -86,6 +88,16 @@ def _delay(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not 0 <= value <= 60:
         raise argparse.ArgumentTypeError(f"must be between 0 and 60 seconds, got {value}")
+    return value
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 3600 seconds, got {value}")
     return value
 
 
@@ -128,8 +140,18 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_CONCURRENCY,
         help=(
             "connections per client (default %(default)s). The plain clients' callers queue for "
-            "one of them, so a plain burst takes about requests / concurrency x delay: the "
-            "default run stays within a few seconds, 100,000 requests within minutes"
+            "one of them, so a plain burst takes about requests / concurrency x delay, plus the "
+            "client's own time per request: the default run takes a few seconds"
+        ),
+    )
+    d.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=30.0,
+        help=(
+            "seconds each caller waits, queue included, before it gives up as a caller with a "
+            "deadline would (default %(default)g). It bounds every mode: with 100,000 requests "
+            "most plain callers give up, and the run still ends within minutes"
         ),
     )
     d.add_argument(
@@ -191,6 +213,7 @@ class _Burst:
     served: dict[str, int] = field(default_factory=dict)
     failed: int = 0
     error: str | None = None
+    gave_up: int = 0
 
     def add(self, other: _Burst) -> None:
         self.wall_ms += other.wall_ms
@@ -199,6 +222,7 @@ class _Burst:
             self.served[k] = self.served.get(k, 0) + v
         self.failed += other.failed
         self.error = self.error or other.error
+        self.gave_up += other.gave_up
 
 
 def _one_line(exc: BaseException) -> str:
@@ -211,22 +235,28 @@ async def _fire(
     get: Callable[[str], Awaitable[str | None]],
     queue: asyncio.Semaphore | None,
     advance: Callable[[], None],
+    deadline: float,
 ) -> _Burst:
-    """Every caller asks at once; each latency runs from asking to having the body."""
+    """Every caller asks at once; each latency runs from asking to its answer, error or deadline."""
     burst = _Burst()
+
+    async def ask(url: str) -> str | None:
+        async with queue or nullcontext():
+            return await get(url)
 
     async def one(url: str) -> None:
         t0 = time.perf_counter()
         try:
-            async with queue or nullcontext():
-                how = await get(url)
+            how = await asyncio.wait_for(ask(url), deadline)
+        except asyncio.TimeoutError:  # this caller's deadline, not a failure of the client
+            burst.gave_up += 1
         except Exception as exc:  # one row per mode: failures are counted, not raised
             burst.failed += 1
             burst.error = burst.error or _one_line(exc)
         else:
-            burst.latencies_ms.append((time.perf_counter() - t0) * 1000)
             if how is not None:
                 burst.served[how] = burst.served.get(how, 0) + 1
+        burst.latencies_ms.append((time.perf_counter() - t0) * 1000)  # what this caller waited
         advance()
 
     t0 = time.perf_counter()
@@ -264,7 +294,7 @@ async def _burst(
     # Plain clients: callers queue here for one of n connections (httpx's own pool queue costs
     # time quadratic in its waiters). Coalescing clients need no queue: one request per key.
     queue = asyncio.Semaphore(n) if mode in PLAIN else None
-    per_request = args.delay + 30.0
+    per_request = args.timeout + 5.0  # the caller's own deadline (--timeout) comes first
 
     class CountingTransport(httpx.AsyncBaseTransport):
         """Counts the requests that get past singleflight (what the upstream sees)."""
@@ -302,10 +332,10 @@ async def _burst(
                 r.raise_for_status()
                 return r.extensions.get("singleflight")
 
-            result = await _fire(urls, get, queue, advance)
+            result = await _fire(urls, get, queue, advance, args.timeout)
             if mode.endswith("ttl") or mode == STALE_MODE:  # the second burst
                 await asyncio.sleep(pause)
-                result.add(await _fire(urls, get, queue, advance))
+                result.add(await _fire(urls, get, queue, advance, args.timeout))
             return result
 
     async def count_middleware(
@@ -329,7 +359,7 @@ async def _burst(
                 await r.read()
                 return served(r)
 
-        return await _fire(urls, aget, queue, advance)
+        return await _fire(urls, aget, queue, advance, args.timeout)
 
 
 def _embedded_server(args: argparse.Namespace) -> AbstractContextManager[Any]:
@@ -378,6 +408,7 @@ async def _all_modes(
             result.served = burst.served
             result.failed = burst.failed
             result.error = burst.error
+            result.gave_up = burst.gave_up
             result.latencies_ms = lat
         result.upstream_hits = upstream.hits() if upstream is not None else len(counter.at_ms)
         result.upstream_at_ms = counter.at_ms
@@ -413,6 +444,15 @@ def headline(results: list[Result]) -> str:
     return f"{row.requests:,} requests → {_calls(row.upstream_hits)}"
 
 
+def _not_served(r: Result, timeout: float) -> str:
+    parts = []
+    if r.gave_up:
+        parts.append(f"{r.gave_up:,} gave up at {timeout:g} s")
+    if r.error:
+        parts.append(f"{r.failed:,} failed: {r.error}")
+    return "; ".join(parts)
+
+
 def _table(results: list[Result], args: argparse.Namespace, target: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -420,16 +460,17 @@ def _table(results: list[Result], args: argparse.Namespace, target: str) -> None
     table = Table(
         title=f"{headline(results)}  ({_spread(args)}, all at once, at {target})",
         caption=(
-            "upstream calls: requests the server saw; latency: from asking to having the body; "
-            f"plain clients queue for {args.concurrency} connections"
+            "upstream calls: requests the server saw; latency: what each caller waited, from "
+            f"asking to its answer (or its {args.timeout:g} s deadline); plain clients queue for "
+            f"{args.concurrency} connections"
         ),
     )
     columns = ["mode", "callers", "upstream calls", "calls saved", "wall ms", "p50 ms", "p99 ms"]
-    failures = any(r.error for r in results)
+    failures = any(r.error or r.gave_up for r in results)
     if failures:
-        columns.append("failed")
+        columns.append("not served")
     for col in columns:
-        table.add_column(col, justify="left" if col in ("mode", "failed") else "right")
+        table.add_column(col, justify="left" if col in ("mode", "not served") else "right")
     for r in results:
         if r.error and r.failed == r.requests:
             row = [r.mode, f"{r.requests:,}", f"{r.upstream_hits:,}", "—", "—", "—", "—"]
@@ -444,10 +485,10 @@ def _table(results: list[Result], args: argparse.Namespace, target: str) -> None
                 f"{r.p99_ms:,.1f}",
             ]
         if failures:
-            row.append(f"{r.failed:,}: {r.error}" if r.error else "")
+            row.append(_not_served(r, args.timeout))
         table.add_row(*row, style="red" if r.error else None)
     console = Console()
-    console.width = max(console.width, 120)
+    console.width = max(console.width, 150 if failures else 120)
     console.print(table)
 
 
@@ -499,8 +540,8 @@ def plot(results: list[Result], args: argparse.Namespace, target: str, path: str
     ax1.set_title("upstream calls (log scale; fewer is better)", fontsize=11)
     for y, r in zip(ys, shown, strict=True):
         label = f"{r.upstream_hits:,} for {r.requests:,} callers"
-        if r.error:
-            label += f" ({r.failed:,} failed)"
+        if r.error or r.gave_up:
+            label += f" ({r.failed + r.gave_up:,} not served)"
         if r.upstream_hits >= 100:  # a long bar: the label fits inside it
             ax1.text(r.upstream_hits / 1.25, y, label, va="center", ha="right", color="white")
         else:
@@ -628,6 +669,7 @@ def run(argv: list[str]) -> int:
         config = {
             "requests": args.requests,
             "concurrency": args.concurrency,
+            "timeout_s": args.timeout,
             "keys": args.keys,
             "delay_s": args.delay if args.url is None else None,
             "target": target,
