@@ -46,7 +46,6 @@ class Result:
     error: str | None = None  # the first failure (a caller's, or the whole mode's)
     gave_up: int = 0  # callers that reached --timeout before their answer came
     latencies_ms: list[float] = field(default_factory=list, repr=False)
-    upstream_at_ms: list[float] = field(default_factory=list, repr=False)
 
     def public(self) -> dict[str, Any]:
         """The JSON face: everything but the raw per-caller and per-call samples."""
@@ -191,14 +190,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 class _Counter:
-    """Counts and times the requests a client actually sent past singleflight."""
+    """Counts the requests a client actually sent past singleflight (for --url)."""
 
     def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.at_ms: list[float] = []
+        self.sent = 0
 
     def hit(self) -> None:
-        self.at_ms.append((time.perf_counter() - self.start) * 1000)
+        self.sent += 1
 
 
 def _urls(base: str, n: int, keys: int, delay: float, embedded: bool) -> list[str]:
@@ -225,9 +223,10 @@ class _Burst:
         self.gave_up += other.gave_up
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException, width: int = 72) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 async def _fire(
@@ -410,8 +409,7 @@ async def _all_modes(
             result.error = burst.error
             result.gave_up = burst.gave_up
             result.latencies_ms = lat
-        result.upstream_hits = upstream.hits() if upstream is not None else len(counter.at_ms)
-        result.upstream_at_ms = counter.at_ms
+        result.upstream_hits = upstream.hits() if upstream is not None else counter.sent
         results.append(result)
     return results
 
@@ -533,19 +531,22 @@ def plot(results: list[Result], args: argparse.Namespace, target: str, path: str
     )
 
     ys = range(len(shown))
+    xmax = max([r.upstream_hits for r in shown] + [1]) * 4
     ax1.barh(ys, [max(r.upstream_hits, 0.8) for r in shown], color=colors, height=0.6)
     ax1.set_xscale("log")
-    ax1.set_xlim(0.7, max([r.upstream_hits for r in shown] + [1]) * 4)
+    ax1.set_xlim(0.7, xmax)
     ax1.xaxis.set_major_formatter(plain_number)
     ax1.set_title("upstream calls (log scale; fewer is better)", fontsize=11)
     for y, r in zip(ys, shown, strict=True):
         label = f"{r.upstream_hits:,} for {r.requests:,} callers"
-        if r.error or r.gave_up:
-            label += f" ({r.failed + r.gave_up:,} not served)"
-        if r.upstream_hits >= 100:  # a long bar: the label fits inside it
-            ax1.text(r.upstream_hits / 1.25, y, label, va="center", ha="right", color="white")
+        unserved = r.failed + r.gave_up
+        if unserved:
+            label += f" ({unserved:,} not served)"
+        hits = max(r.upstream_hits, 0.8)
+        if math.log(hits / 0.7) > 0.55 * math.log(xmax / 0.7):  # a long bar: label inside it
+            ax1.text(hits / 1.25, y, label, va="center", ha="right", color="white")
         else:
-            ax1.text(max(r.upstream_hits, 0.8) * 1.25, y, label, va="center")
+            ax1.text(hits * 1.25, y, label, va="center", color="#b00000" if unserved else "black")
 
     data = [r.latencies_ms or [float("nan")] for r in shown]
     ax2.boxplot(
@@ -563,7 +564,7 @@ def plot(results: list[Result], args: argparse.Namespace, target: str, path: str
     ax2.set_xscale("log")
     ax2.xaxis.set_major_formatter(plain_number)
     ax2.set_title(
-        "what each caller waited, ms (log scale; box p25–p75, whiskers p1–p99)", fontsize=11
+        "what each caller waited, ms (log scale; box p25–p75, whiskers p1–p99)", fontsize=10
     )
     top = max((r.p99_ms for r in shown), default=1.0)
     ax2.set_xlim(right=max(top, 1.0) * 12)

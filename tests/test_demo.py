@@ -254,3 +254,29 @@ def test_version() -> None:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == f"singleflight-http {__version__}"
+
+
+def test_a_mode_that_cannot_start_is_one_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A mode whose client cannot even be built (here: made to raise) is a row with its error;
+    # the modes after it still run against the real embedded server.
+    import asyncio
+
+    from singleflight import _demo
+
+    real = _demo._burst
+
+    async def broken_for_aiohttp(mode: str, *args: object) -> object:
+        if mode == "aiohttp":
+            raise OSError("too many open files\nsecond line")
+        return await real(mode, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_demo, "_burst", broken_for_aiohttp)
+    args = _demo.parser().parse_args(["demo", "--requests", "10", "--delay", "0.05"])
+    with LoopbackUpstream() as up:
+        rows = asyncio.run(_demo._all_modes(args, up.url, up, None))
+    by_mode = {r.mode: r for r in rows}
+    assert len(rows) == 5
+    assert by_mode["aiohttp"].error == "OSError: too many open files"
+    assert by_mode["aiohttp"].failed == 10 and by_mode["aiohttp"].upstream_hits == 0
+    assert by_mode["aiohttp + singleflight"].upstream_hits == 1
+    assert by_mode["aiohttp + singleflight"].error is None
