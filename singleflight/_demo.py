@@ -232,34 +232,67 @@ def _one_line(exc: BaseException, width: int = 72) -> str:
 async def _fire(
     urls: list[str],
     get: Callable[[str], Awaitable[str | None]],
-    queue: asyncio.Semaphore | None,
+    queue: int | None,
     advance: Callable[[], None],
     deadline: float,
 ) -> _Burst:
-    """Every caller asks at once; each latency runs from asking to its answer, error or deadline."""
+    """Every caller asks at once; each waits from then until its answer, error or deadline.
+
+    With ``queue=n`` (the plain clients) the callers wait in line for n connections: n workers
+    take them in order, and a caller still in line at the deadline gives up there. Without it
+    (the coalescing clients) every caller is its own task from the start. Either way the cost
+    is linear in the callers: no per-caller timer, no cancelled waiter to dig out of a queue.
+    """
     burst = _Burst()
+    t0 = time.perf_counter()
+    end = t0 + deadline
 
-    async def ask(url: str) -> str | None:
-        async with queue or nullcontext():
-            return await get(url)
+    def gave_up(n: int = 1) -> None:
+        burst.gave_up += n
+        burst.latencies_ms.extend([deadline * 1000] * n)
+        for _ in range(n):
+            advance()
 
-    async def one(url: str) -> None:
-        t0 = time.perf_counter()
+    async def one(url: str, timeout: float | None) -> None:
         try:
-            how = await asyncio.wait_for(ask(url), deadline)
-        except asyncio.TimeoutError:  # this caller's deadline, not a failure of the client
-            burst.gave_up += 1
+            if timeout is None:
+                how = await get(url)
+            else:
+                how = await asyncio.wait_for(get(url), timeout)
         except Exception as exc:  # one row per mode: failures are counted, not raised
+            if isinstance(exc, asyncio.TimeoutError) and time.perf_counter() >= end:
+                gave_up()  # this caller's deadline, not a failure of the client
+                return
             burst.failed += 1
             burst.error = burst.error or _one_line(exc)
         else:
             if how is not None:
                 burst.served[how] = burst.served.get(how, 0) + 1
-        burst.latencies_ms.append((time.perf_counter() - t0) * 1000)  # what this caller waited
+        burst.latencies_ms.append((time.perf_counter() - t0) * 1000)
         advance()
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*[one(u) for u in urls])
+    if queue is not None:
+        line = iter(urls)
+
+        async def worker() -> None:
+            for url in line:
+                remaining = end - time.perf_counter()
+                if remaining <= 0:
+                    gave_up()
+                else:
+                    await one(url, remaining)
+
+        await asyncio.gather(*[worker() for _ in range(min(queue, len(urls)))])
+    else:
+        tasks = [asyncio.ensure_future(one(url, None)) for url in urls]
+        _done, pending = await asyncio.wait(tasks, timeout=deadline)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        gave_up(len(pending))
+        for task in _done:
+            task.result()  # re-raise anything one() did not expect
     burst.wall_ms = (time.perf_counter() - t0) * 1000
     return burst
 
@@ -292,7 +325,7 @@ async def _burst(
     n = args.concurrency
     # Plain clients: callers queue here for one of n connections (httpx's own pool queue costs
     # time quadratic in its waiters). Coalescing clients need no queue: one request per key.
-    queue = asyncio.Semaphore(n) if mode in PLAIN else None
+    queue = n if mode in PLAIN else None
     per_request = args.timeout + 5.0  # the caller's own deadline (--timeout) comes first
 
     class CountingTransport(httpx.AsyncBaseTransport):
