@@ -197,11 +197,17 @@ def test_labels_read_right() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "10 GETs spread over 10 URLs" in proc.stdout and "50 URLs" not in proc.stdout
     assert "10 requests → 10 upstream calls" in proc.stdout
-    from singleflight._demo import Result, _saved
+    from singleflight._demo import Result, _saved, headline
 
     assert _saved(Result("httpx + singleflight + ttl", 2000, upstream_hits=1)) == "1,999 (99.9 %)"
     assert _saved(Result("httpx + singleflight", 1000, upstream_hits=0)) == "1,000 (100.0 %)"
     assert _saved(Result("httpx", 1000, upstream_hits=1000)) == "—"
+    # nobody served is not "100 % saved", and no headline claims "-> 0 upstream calls"
+    nobody = Result("httpx + singleflight", 1000, upstream_hits=0, gave_up=1000)
+    assert _saved(nobody) == "—"
+    assert headline([nobody]) == "singleflight demo"
+    served = Result("aiohttp + singleflight", 1000, upstream_hits=1)
+    assert headline([nobody, served]) == "1,000 requests → 1 upstream call"
 
 
 @pytest.mark.timeout(300)
