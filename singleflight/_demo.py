@@ -28,7 +28,7 @@ MODES = (
     "httpx + singleflight + ttl",
 )
 STALE_MODE = "httpx + singleflight + stale"
-DEFAULT_CONCURRENCY = 50
+DEFAULT_CONCURRENCY = 20
 
 
 @dataclass
@@ -140,7 +140,8 @@ def parser() -> argparse.ArgumentParser:
         help=(
             "connections per client (default %(default)s). The plain clients' callers queue for "
             "one of them, so a plain burst takes about requests / concurrency x delay, plus the "
-            "client's own time per request: the default run takes a few seconds"
+            "client's own time per request: the default run takes a few seconds. httpx's pool "
+            "gets slower per request past a few dozen connections"
         ),
     )
     d.add_argument(
@@ -163,8 +164,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--delay",
         type=_delay,
-        default=0.1,
-        help="seconds the embedded server takes per request (default 0.1)",
+        default=0.05,
+        help="seconds the embedded server takes per request (default 0.05)",
     )
     d.add_argument(
         "--url",
@@ -603,6 +604,8 @@ def plot(results: list[Result], args: argparse.Namespace, target: str, path: str
     for y, r in zip(ys, shown, strict=True):
         if r.latencies_ms:
             text = f"p50 {r.p50_ms:,.0f} · p99 {r.p99_ms:,.0f}"
+            if r.gave_up:
+                text += f"\n{r.gave_up:,} gave up at {args.timeout:g} s"
             ax2.text(r.p99_ms * 1.3, y, text, va="center", fontsize=10)
         else:
             ax2.text(1, y, r.error or "no caller finished", va="center", fontsize=9, color="red")

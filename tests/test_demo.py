@@ -87,7 +87,7 @@ def test_demo_help_explains_every_option() -> None:
         "--plot",
     ):
         assert option in proc.stdout
-    assert "default 50" in proc.stdout  # the bound on the plain baselines is stated
+    assert "default 20" in proc.stdout  # the bound on the plain baselines is stated
 
 
 @pytest.mark.parametrize(
