@@ -345,7 +345,8 @@ async def _burst(
         transport: httpx.AsyncBaseTransport = counting
         pause = 0.0
         if mode.endswith("ttl"):
-            transport = AsyncSingleflightTransport(counting, ttl=60.0)
+            # Long enough to outlast the first burst even with 100,000 callers to serve.
+            transport = AsyncSingleflightTransport(counting, ttl=3600.0)
         elif mode == STALE_MODE:
             # Fresh for a moment, then stale for a minute: the second burst, after the fresh
             # window, is answered from memory at once while one refresh goes upstream.

@@ -214,10 +214,13 @@ def test_labels_read_right() -> None:
 def test_a_large_burst_finishes_with_a_table() -> None:
     # 5,000 callers once ended in an httpx.PoolTimeout traceback and no table. Every mode now
     # finishes and reports (a 100,000 run is measured by hand: see the branch's report).
-    out = results(demo("--requests", "5000", "--delay", "0.01", "--json", timeout=280))
+    out = results(demo("--requests", "5000", "--json", timeout=280))
     assert len(out) == 5
-    assert out["httpx + singleflight"]["upstream_hits"] == 1
-    assert out["aiohttp + singleflight"]["upstream_hits"] == 1
+    # A handful, not 5,000: on a loaded machine a caller whose first step runs after the
+    # leader's answer has landed rightly starts a new flight (exactly 1 is asserted at 40).
+    assert out["httpx + singleflight"]["upstream_hits"] <= 5
+    assert out["aiohttp + singleflight"]["upstream_hits"] <= 5
+    assert out["httpx"]["upstream_hits"] >= 5000 - out["httpx"]["gave_up"]  # one call each
     assert all(r["failed"] == 0 and r["error"] is None for r in out.values())
     for r in out.values():  # on a slow machine plain callers may give up: they still count
         assert r["gave_up"] == 0 or r["mode"] in ("httpx", "aiohttp")
