@@ -1,22 +1,59 @@
-"""The pytest-httpx example of docs/testing.md, run for real."""
+"""The pytest-httpx example of docs/testing.md, run as copied: in an empty directory, no plugins."""
 
 from __future__ import annotations
 
-import asyncio
+import re
+import subprocess
+import sys
+from pathlib import Path
 
-import httpx
-from pytest_httpx import HTTPXMock
+import pytest
 
-from singleflight.httpx import AsyncSingleflightTransport
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "testing.md"
 
 
-async def test_one_request_for_a_burst(httpx_mock: HTTPXMock) -> None:
-    async def slow_upstream(request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(0.05)  # the work takes a while, so the burst meets in flight
-        return httpx.Response(200, json={"items": []})
+def example() -> str:
+    section = PAGE.read_text().split("## pytest-httpx", 1)[1]
+    match = re.search(r"^```python\n(?P<code>.*?)^```", section, re.M | re.S)
+    assert match, "the pytest-httpx section has no python block"
+    return match["code"]
 
-    httpx_mock.add_callback(slow_upstream, url="http://api.test/items")
-    async with httpx.AsyncClient(transport=AsyncSingleflightTransport()) as client:
-        responses = await asyncio.gather(*[client.get("http://api.test/items") for _ in range(20)])
-    assert {r.status_code for r in responses} == {200}
-    assert len(httpx_mock.get_requests()) == 1
+
+@pytest.mark.timeout(120)
+def test_pytest_httpx_example_runs_as_copied_without_pytest_asyncio(tmp_path: Path) -> None:
+    (tmp_path / "test_burst.py").write_text(example())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:asyncio",  # the page says: no async test plugin needed
+            "test_burst.py",
+        ],
+        cwd=tmp_path,  # no pyproject here: none of this project's pytest settings apply
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "1 passed" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_the_example_fails_when_nothing_is_coalesced(tmp_path: Path) -> None:
+    # The same test with a plain transport must fail: it checks coalescing, not just that it ran.
+    code = example().replace("transport=AsyncSingleflightTransport()", "")
+    (tmp_path / "test_burst.py").write_text(code)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:asyncio"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 failed" in proc.stdout
