@@ -110,13 +110,16 @@ class Singleflight(Generic[P, R]):
         return _BoundSingleflight(self, obj)
 
     def forget(self, *args: Any, **kwargs: Any) -> None:
-        """Later calls with these arguments start a new run (and skip the cache)."""
-        k = self._make_key(args, kwargs)
-        self.group.forget(k)
-        self.group.cache_pop(k)
+        """The next call with these arguments runs afresh: its cached result is dropped, and
+        a run in progress keeps its value for its own callers but does not cache it."""
+        self.group.forget(self._make_key(args, kwargs))
+
+    def cache_pop(self, *args: Any, **kwargs: Any) -> None:
+        """Invalidate the result for these arguments (async-lru's ``cache_invalidate``)."""
+        self.group.cache_pop(self._make_key(args, kwargs))
 
     def cache_clear(self) -> None:
-        """Drop every cached result."""
+        """Drop every cached result; runs in progress will not cache theirs."""
         self.group.cache_clear()
 
     @property
@@ -144,6 +147,9 @@ class _BoundSingleflight:
 
     def forget(self, *args: Any, **kwargs: Any) -> None:
         self._sf.forget(self._obj, *args, **kwargs)
+
+    def cache_pop(self, *args: Any, **kwargs: Any) -> None:
+        self._sf.cache_pop(self._obj, *args, **kwargs)
 
     def cache_clear(self) -> None:
         self._sf.cache_clear()

@@ -155,6 +155,10 @@ class Group(Generic[V]):
         self._cache_if = cache_if
         self._cache_lock = threading.Lock()  # guards self._cache (cachetools is not thread-safe)
         self._reelect = _CANCELLED + reelect_on
+        self._reelect_sync: tuple[type[BaseException], ...] = (
+            asyncio.CancelledError,
+            *reelect_on,
+        )
         self._tier = tier
         self._codec = codec
         self._plain = cache is None and tier is None  # True: do() may take the fast path
@@ -195,20 +199,40 @@ class Group(Generic[V]):
         return self._cache
 
     def forget(self, key: Hashable) -> None:
-        """Forget ``key``: later callers start a new flight; current waiters keep the old one."""
-        self._map.forget(key)
+        """Forget ``key``: the next caller runs the work afresh.
 
-    def cache_clear(self) -> None:
-        """Drop every cached value (flights in progress are not affected)."""
-        if self._cache is not None:
-            with self._cache_lock:
-                self._cache.clear()
+        Its cached value (if any) is dropped, and the flight in progress, if any, will not
+        store its value when it lands; its current callers still get that value. Callers
+        that come after this start a new flight.
+        """
+        if self._cache is None:
+            self._map.forget(key)
+            return
+        try:
+            with self._cache_lock:  # atomic with a landing leader's "forgotten? else store"
+                self._map.forget(key)
+                self._cache.pop(key, None)
+        except TypeError as exc:
+            raise _hash_error(key, exc) from None
 
     def cache_pop(self, key: Hashable) -> None:
-        """Drop the cached value of ``key``, if any."""
-        if self._cache is not None:
-            with self._cache_lock:
-                self._cache.pop(key, None)
+        """Invalidate ``key`` (async-lru's ``cache_invalidate``): the same as ``forget``.
+
+        The cached value is dropped and a flight in progress will not store its value.
+        """
+        self.forget(key)
+
+    def cache_clear(self) -> None:
+        """Drop every cached value; flights in progress will not store theirs.
+
+        Their current callers still get their values; later callers start new flights.
+        """
+        if self._cache is None:
+            return
+        with self._cache_lock:
+            for key in tuple(self._flights):  # tuple(dict): one C call, atomic under the GIL
+                self._map.forget(key)
+            self._cache.clear()
 
     # -- async ----------------------------------------------------------------------------
 
@@ -285,9 +309,17 @@ class Group(Generic[V]):
         """Like ``do``, and also say how the call was served (``"leader"``, ``"follower"``…)."""
         return await self._run(key, fn, args, kwargs, None, None)
 
-    def _land_failed(self, key: Hashable, flight: list[Any], exc: BaseException) -> None:
-        """The leader's run raised: hand the flight over, or share the error."""
-        if isinstance(exc, self._reelect) or _is_cancellation(exc):
+    def _land_failed(
+        self, key: Hashable, flight: list[Any], exc: BaseException, *, sync: bool = False
+    ) -> None:
+        """The leader's run raised: hand the flight over, or share the error.
+
+        Sync work (``sync=True``) runs in a thread, where no loop closes it: a
+        ``GeneratorExit`` it raises is its outcome like any other exception, shared once.
+        """
+        reelect = self._reelect_sync if sync else self._reelect
+        gave_up = isinstance(exc, reelect) or _is_cancellation(exc)
+        if gave_up:
             # Its own cancellation or deadline, or its coroutine closed with its loop: not an
             # outcome the followers should see. One of them leads the flight from here.
             self._reelections += 1
@@ -343,15 +375,19 @@ class Group(Generic[V]):
             self._map.land(key, flight, SIGNAL, ALONE)
             return value.value, role
         if role != "stale":  # a stale value is served, never kept for longer
-            self._store(key, value)
+            self._store(key, flight, value)
         self._map.land(key, flight, VALUE, value)
         return value, role
 
-    def _store(self, key: Hashable, value: Any) -> None:
+    def _store(self, key: Hashable, flight: list[Any], value: Any) -> None:
+        """Keep ``value`` in the cache, unless it may not be kept or its flight was forgotten."""
         cache = self._cache
         if cache is not None and (self._cache_if is None or self._cache_if(value)):
             with self._cache_lock:
-                cache[key] = value
+                # forget/cache_pop/cache_clear hold this lock while they mark the flight, so
+                # a flight forgotten while it ran never stores its (now stale) value.
+                if id(flight) not in self._map._next:
+                    cache[key] = value
 
     async def _alone(
         self, fn: Callable[..., Awaitable[V]], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -498,7 +534,7 @@ class Group(Generic[V]):
                 try:
                     value = fn(*args, **kwargs)
                 except BaseException as exc:
-                    self._land_failed(key, flight, exc)
+                    self._land_failed(key, flight, exc, sync=True)
                     raise
                 finally:
                     SYNC_LEADERS[0] -= 1

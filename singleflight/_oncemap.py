@@ -31,12 +31,12 @@ import threading
 from asyncio.events import _get_running_loop
 from collections.abc import Callable, Hashable
 from types import FrameType
-from typing import Any, Final, Generic, TypeAlias, TypeVar, cast
+from typing import Any, Final, Generic, TypeAlias, TypeVar, cast, final
 
 from ._errors import FlightAbandoned, ReentrancyError
 from ._observe import note_flight
 
-__all__ = ("OnceMap",)
+__all__ = ("Lead", "OnceMap")
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -265,14 +265,57 @@ def abandon_future(owner: OnceMap[Any, Any], key: Any, flight: Flight, fut: Any)
         owner.resign(key, flight, fut.result())
 
 
+@final
+class Lead(Generic[K, V]):
+    """Lead is a leader's hold on the one flight it registered: land it exactly once.
+
+    ``OnceMap.register`` returns a Lead to the caller that must run the work. ``done``,
+    ``fail`` or ``abandon`` end *this* flight, whatever happened to the key meanwhile (after
+    ``forget`` a key can have several flights; each leader lands its own). A Lead is truthy.
+    """
+
+    __slots__ = ("_flight", "_map", "key")
+
+    def __init__(self, owner: OnceMap[K, V], key: K, flight: Flight) -> None:
+        self._map = owner
+        self.key = key
+        self._flight = flight
+
+    def __bool__(self) -> bool:
+        return True
+
+    def done(self, value: V) -> None:
+        """Publish ``value`` to this flight's waiters and end it."""
+        self._map._land_lead(self.key, self._flight, VALUE, value)
+
+    def fail(self, exc: BaseException) -> None:
+        """Publish ``exc`` to this flight's waiters and end it."""
+        self._map._land_lead(self.key, self._flight, ERROR, exc)
+
+    def abandon(self) -> None:
+        """End this flight without a result; its waiters get ``FlightAbandoned``."""
+        self._map._land_lead(self.key, self._flight, SIGNAL, REELECT)
+
+    def __repr__(self) -> str:
+        return f"<Lead of {self.key!r}>"
+
+
 class OnceMap(Generic[K, V]):
     """OnceMap is the in-flight map: one flight per key, and every waiter gets its outcome.
 
-    The protocol (uv's ``uv-once-map``): ``register(key)`` returns True to exactly one
-    caller, the leader, who must then call ``done``, ``fail`` or ``abandon``; everyone else
-    calls ``await wait(key)`` or ``wait_blocking(key)`` and gets the leader's value or
-    exception. Thread-safe; waiters may live on any event loop or thread. A key leaves the map
-    as its flight lands: nothing is memoised.
+    The protocol (uv's ``uv-once-map``), the whole interface:
+
+    * ``lead = register(key)``: a ``Lead`` for exactly one caller, the leader (None for the
+      others). The leader runs the work and ends *its* flight with ``lead.done(value)``,
+      ``lead.fail(exc)`` or ``lead.abandon()``, or its waiters wait forever (as in uv).
+    * ``await wait(key)`` / ``wait_blocking(key, timeout)``: follow the flight of ``key`` and
+      get the leader's value or exception (``FlightAbandoned`` if it gave up).
+    * ``forget(key)``: later callers start a new flight; current waiters keep the old one.
+    * ``done(key, v)`` / ``fail(key, e)`` / ``abandon(key)``: shorthands that land the key's
+      only flight (a ``ValueError`` if ``forget`` left it more than one: use the Lead).
+
+    Thread-safe; waiters may live on any event loop (asyncio or trio) or thread. A key leaves
+    the map as its flight lands: nothing is memoised.
     """
 
     __slots__ = ("_flights", "_lock", "_next", "_registered")
@@ -282,7 +325,8 @@ class OnceMap(Generic[K, V]):
         self._lock = threading.Lock()  # guards joins, forget, _next and locked landings
         # id(forgotten flight) -> the flight that new callers use instead (None: none yet).
         self._next: dict[int, Flight | None] = {}  # guarded by self._lock
-        # Flights led through register(), oldest first, per key (guarded by self._lock).
+        # Flights led through register() and not landed yet, oldest first, per key (guarded
+        # by self._lock): what the keyed shorthands (done(key, v)...) land.
         self._registered: dict[Any, list[Flight]] = {}
 
     def __len__(self) -> int:
@@ -294,11 +338,11 @@ class OnceMap(Generic[K, V]):
 
     # -- the protocol ------------------------------------------------------------------
 
-    def register(self, key: K) -> bool:
-        """Register ``key``; return True if the caller is now its leader.
+    def register(self, key: K) -> Lead[K, V] | None:
+        """Register ``key``; return a ``Lead`` if the caller is now its leader, else None.
 
-        The leader must end the flight with ``done``, ``fail`` or ``abandon``, or its
-        waiters wait forever (as in uv).
+        The leader must end the flight with ``lead.done``, ``lead.fail`` or ``lead.abandon``,
+        or its waiters wait forever (as in uv).
         """
         while True:
             flight: Flight = []
@@ -306,24 +350,25 @@ class OnceMap(Generic[K, V]):
             if head is flight:
                 with self._lock:
                     self._registered.setdefault(key, []).append(flight)
-                return True
+                return Lead(self, key, flight)
             joined, lead = self.join(key, head, None)
             if joined is not None:
-                if lead:
-                    with self._lock:
-                        self._registered.setdefault(key, []).append(joined)
-                return lead
+                if not lead:
+                    return None
+                with self._lock:
+                    self._registered.setdefault(key, []).append(joined)
+                return Lead(self, key, joined)
 
     def done(self, key: K, value: V) -> None:
-        """Publish ``value`` to every waiter of ``key`` and end its flight."""
+        """Publish ``value`` to the waiters of ``key``'s only flight and end it."""
         self.land(key, self._take(key), VALUE, value)
 
     def fail(self, key: K, exc: BaseException) -> None:
-        """Publish ``exc`` to every waiter of ``key`` and end its flight."""
+        """Publish ``exc`` to the waiters of ``key``'s only flight and end it."""
         self.land(key, self._take(key), ERROR, exc)
 
     def abandon(self, key: K) -> None:
-        """End the flight without a result; its waiters get ``FlightAbandoned``."""
+        """End ``key``'s only flight without a result; its waiters get ``FlightAbandoned``."""
         self.land(key, self._take(key), SIGNAL, REELECT)
 
     async def wait(self, key: K) -> V:
@@ -392,15 +437,32 @@ class OnceMap(Generic[K, V]):
     # -- the machinery the Group shares --------------------------------------------------
 
     def _take(self, key: K) -> Flight:
-        """The oldest flight of ``key`` led through ``register()`` that has not landed."""
+        """The one flight of ``key`` led through ``register()`` that has not landed."""
         with self._lock:
             flights = self._registered.get(key)
             if not flights:
                 raise KeyError(f"{key!r} was not registered by this map's register()")
-            flight = flights.pop(0)
-            if not flights:
-                del self._registered[key]
-            return flight
+            if len(flights) > 1:
+                raise ValueError(
+                    f"{key!r} has {len(flights)} flights (forget() started a new one): land "
+                    "each through the Lead its register() returned (lead.done(value))"
+                )
+            del self._registered[key]
+            return flights[0]
+
+    def _land_lead(self, key: Any, flight: Flight, kind: int, payload: Any) -> None:
+        """A Lead lands its own flight (once: a second landing is a RuntimeError)."""
+        with self._lock:
+            flights = self._registered.get(key)
+            for i, f in enumerate(flights or ()):
+                if f is flight:
+                    del flights[i]  # type: ignore[union-attr]
+                    if not flights:
+                        del self._registered[key]
+                    break
+            else:
+                raise RuntimeError(f"the flight of {key!r} has landed already")
+        self.land(key, flight, kind, payload)
 
     def join(
         self, key: Any, head: Flight, waiter: Any, *, follow_only: bool = False
