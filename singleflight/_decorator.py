@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import types
+import warnings
 from collections.abc import Callable, Hashable, MutableMapping
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
@@ -12,6 +14,7 @@ from cachetools import TTLCache
 from cachetools.keys import hashkey
 
 from ._group import Group, Stats, Tier
+from ._options import check_cache, check_maxsize, check_tier, check_ttl, fail_type
 
 __all__ = ("Singleflight", "singleflight")
 
@@ -53,13 +56,42 @@ def _mark_coroutine_function(obj: Any) -> None:
         obj._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
 
 
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """An async function, or a callable object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - the method itself, not callable()
+    )
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none
+        return inspect.Signature()
+
+
+#: Types hashed by identity on purpose: equal means "the same thing" for them.
+_IDENTITY_OK = (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
+
+
+def _by_identity(value: object) -> bool:
+    """Does ``value`` hash by identity, so that equal-looking calls never share a key?"""
+    cls = type(value)
+    return (
+        cls.__hash__ is object.__hash__
+        and cls.__eq__ is object.__eq__
+        and cls is not object  # a sentinel
+        and not isinstance(value, _IDENTITY_OK)
+    )
+
+
 class Singleflight(Generic[P, R]):
     """A function wrapped by ``@singleflight``: one run per key at a time.
 
     Calls with equal keys (by default: equal arguments; on a method the instance is one of
-    them) that overlap share one run. ``forget(*args, **kwargs)`` lets the next call with
-    those arguments start afresh; ``cache_clear()`` drops cached values; ``stats`` and
-    ``group`` expose the underlying ``Group``.
+    them unless ``ignore_self=True``) that overlap share one run. ``forget(*args, **kwargs)``
+    and ``cache_pop(...)`` let the next call with those arguments start afresh;
+    ``cache_clear()`` drops cached values; ``stats`` and ``group`` expose the ``Group``.
     """
 
     def __init__(
@@ -68,17 +100,26 @@ class Singleflight(Generic[P, R]):
         *,
         key: Callable[..., Hashable] | None,
         group: Group[Any],
+        ignore_self: bool = False,
     ) -> None:
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._key = key
+        self._skip = 1 if ignore_self else 0  # leading arguments left out of the key
         self.group = group
         # A shared tier is shared by every decorated function: the default key names the
         # function, or get_user(1) and get_post(1) would share one entry. A key= is the user's
         # own key space and is used as it is.
         shared = group.tier is not None and key is None
         self._prefix = f"{fn.__module__}.{fn.__qualname__}" if shared else None
-        self._is_async = inspect.iscoroutinefunction(fn)
+        # The plain default key of a call without keyword arguments is its args tuple itself.
+        self._plain = key is None and not shared and not ignore_self
+        self._flights = group._flights  # read by the identity check, never written
+        self._warned = False  # the identity-hash warning is given once per function
+        params = list(_signature(fn).parameters)
+        self._self_args = 1 if ignore_self or params[:1] in (["self"], ["cls"]) else 0
+        self._is_async = _is_async(fn)
+        self._qualname = fn.__qualname__
         if self._is_async:
             _mark_coroutine_function(self)
 
@@ -86,28 +127,68 @@ class Singleflight(Generic[P, R]):
         if self._key is not None:
             k = self._key(*args, **kwargs)
         else:
-            k = hashkey(*args, **kwargs)
+            k = hashkey(*args[self._skip :], **kwargs)
         try:
             hash(k)
         except TypeError:
             if self._key is not None:
                 raise TypeError(
-                    f"@singleflight {self._fn.__qualname__}: key= returned {k!r:.60}, which is "
-                    "not hashable; return a tuple, str or int instead"
+                    f"@singleflight {self._qualname}: key= returned {k!r:.60} "
+                    f"({type(k).__name__}), which is not hashable; return a tuple, str or int "
+                    "instead"
                 ) from None
             raise _unhashable_error(self._fn, args, kwargs) from None
         return k if self._prefix is None else (self._prefix, k)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        k = self._make_key(args, kwargs)
+        if self._plain and not kwargs:
+            k: Hashable = args  # equal to hashkey(*args), without building a new tuple
+            try:
+                hash(args)
+            except TypeError:
+                raise _unhashable_error(self._fn, args, kwargs) from None
+        else:
+            k = self._make_key(args, kwargs)
+        if self._flights and not self._warned and k not in self._flights:
+            self._check_identity(args, kwargs)  # it leads while another flight is on
         if self._is_async:
-            return cast(R, self.group.do(k, self._fn, *args, **kwargs))  # type: ignore[arg-type]
+            coro = self.group.do(k, self._fn, *args, **kwargs)  # type: ignore[arg-type]
+            coro.__qualname__ = self._qualname  # type: ignore[attr-defined]  # "coroutine 'get_user' was never awaited"
+            return cast(R, coro)
         return cast(R, self.group.do_sync(k, self._fn, *args, **kwargs))
+
+    def _check_identity(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Warn once if the key holds an argument that hashes by identity (a Request…).
+
+        Checked only when a call leads while another flight of this function runs: such
+        arguments make every call its own key, so nothing is ever shared, silently. A
+        method's ``self``/``cls`` is left alone (per instance is the documented default).
+        """
+        if self._key is not None:
+            return
+        named = [(f"positional argument {i}", a) for i, a in enumerate(args)]
+        named += [(f"argument {name}=", a) for name, a in kwargs.items()]
+        for i, (where, value) in enumerate(named):
+            if i < self._self_args or not _by_identity(value):
+                continue
+            self._warned = True
+            fix = "pass key=lambda ...: <what identifies the call> to the decorator"
+            warnings.warn(
+                f"@singleflight {self._qualname}: {where} ({type(value).__name__}) hashes by "
+                "identity, so calls with it never share a run; " + fix,
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
 
     def __get__(self, obj: object, objtype: type | None = None) -> Any:
         if obj is None:
             return self
         return _BoundSingleflight(self, obj)
+
+    def __reduce__(self) -> str:
+        """Pickle by reference, as ``functools.lru_cache`` does (ProcessPoolExecutor.submit)."""
+        return self._qualname
 
     def forget(self, *args: Any, **kwargs: Any) -> None:
         """The next call with these arguments runs afresh: its cached result is dropped, and
@@ -128,7 +209,7 @@ class Singleflight(Generic[P, R]):
         return self.group.stats
 
     def __repr__(self) -> str:
-        return f"<singleflight {self._fn.__module__}.{self._fn.__qualname__}>"
+        return f"<singleflight {self._fn.__module__}.{self._qualname}>"
 
 
 class _BoundSingleflight:
@@ -144,6 +225,9 @@ class _BoundSingleflight:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._sf(self._obj, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return getattr, (self._obj, self._sf.__name__)  # type: ignore[attr-defined]
 
     def forget(self, *args: Any, **kwargs: Any) -> None:
         self._sf.forget(self._obj, *args, **kwargs)
@@ -175,9 +259,10 @@ def singleflight(
     *,
     key: Callable[..., Hashable] | None = None,
     ttl: float | None = None,
-    maxsize: int = 1024,
+    maxsize: int | None = None,
     cache: MutableMapping[Any, Any] | None = None,
     tier: Tier | None = None,
+    ignore_self: bool = False,
 ) -> Callable[[Callable[P, R]], Singleflight[P, R]]: ...
 
 
@@ -187,55 +272,72 @@ def singleflight(
     *,
     key: Callable[..., Hashable] | None = None,
     ttl: float | None = None,
-    maxsize: int = 1024,
+    maxsize: int | None = None,
     cache: MutableMapping[Any, Any] | None = None,
     tier: Tier | None = None,
+    ignore_self: bool = False,
 ) -> Singleflight[P, R] | Callable[[Callable[P, R]], Singleflight[P, R]]:
     """singleflight makes overlapping calls with equal arguments share one run.
 
     Use it bare (``@singleflight``) or with options. Works on async and sync functions and on
-    methods.
+    methods. Every caller of a run gets the same result object (share it, do not mutate it).
 
     Args:
         key: callable taking the function's arguments and returning the hashable key; default:
-            all the arguments (so they must be hashable).
+            all the arguments (so they must be hashable, and hash by value).
         ttl: also reuse a completed result for ``ttl`` seconds from its completion (a
             ``cachetools.TTLCache`` of ``maxsize`` entries). Exceptions are never cached.
-        maxsize: the most results kept when ``ttl`` is set.
+        maxsize: the most results kept when ``ttl`` is set (default 1024).
         cache: your own mapping of results instead of ``ttl``/``maxsize``.
         tier: a shared tier (``singleflight.redis.RedisTier``); async functions only.
+        ignore_self: for methods: leave the first argument (``self``/``cls``) out of the key,
+            so calls on every instance share (aiocache's ``noself``).
     """
     if key is not None and not callable(key):
-        raise TypeError(f"key must be a callable returning a hashable key, got {key!r}")
-    if ttl is not None:
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-            raise TypeError(f"ttl must be a number of seconds, got {ttl!r}")
-        if not ttl > 0:
-            raise ValueError(f"ttl must be > 0, got {ttl!r}; pass ttl=None to disable caching")
-        if cache is not None:
-            raise ValueError("pass either ttl=/maxsize= or cache=, not both")
-    if isinstance(maxsize, bool) or not isinstance(maxsize, int):
-        raise TypeError(f"maxsize must be an int, got {maxsize!r}")
-    if maxsize < 1:
-        raise ValueError(f"maxsize must be >= 1, got {maxsize}; pass ttl=None to disable caching")
-    if cache is not None and not isinstance(cache, MutableMapping):
-        raise TypeError(
-            "cache must be a MutableMapping such as cachetools.TTLCache, "
-            f"got {type(cache).__name__}"
+        raise fail_type(
+            "key",
+            "a callable returning a hashable key",
+            key,
+            "pass e.g. key=lambda user_id: user_id",
         )
+    ttl = check_ttl(ttl)
+    if maxsize is not None:
+        maxsize = check_maxsize(maxsize)
+        if ttl is None:
+            raise ValueError(
+                f"maxsize={maxsize} sizes the ttl cache, but ttl= is not set; pass ttl= too, "
+                "or drop maxsize="
+            )
+    if cache is not None and (ttl is not None or maxsize is not None):
+        raise ValueError("pass either ttl=/maxsize= or cache=, not both")
+    check_cache(cache)
+    check_tier(tier)
+    if not isinstance(ignore_self, bool):
+        raise fail_type("ignore_self", "True or False", ignore_self, "pass ignore_self=True")
 
     def decorate(f: Callable[P, R]) -> Singleflight[P, R]:
         if not callable(f):
-            raise TypeError(f"@singleflight decorates a function, got {f!r}")
-        if tier is not None and not inspect.iscoroutinefunction(f):
+            raise TypeError(f"@singleflight decorates a function, got {f!r:.80}")
+        if inspect.isgeneratorfunction(f) or inspect.isasyncgenfunction(f):
+            raise TypeError(
+                f"@singleflight cannot share {f.__qualname__}: it is a generator, and every "
+                "caller must iterate a generator of its own; decorate a function that returns "
+                "the items instead (e.g. a list)"
+            )
+        if tier is not None and not _is_async(f):
             raise TypeError(
                 f"@singleflight(tier=...) needs an async function, {f.__qualname__} is sync; "
                 "drop tier= or make it async"
             )
-        store = (
-            cache if cache is not None else (TTLCache(maxsize, ttl) if ttl is not None else None)
-        )
-        return Singleflight(f, key=key, group=Group(store, tier=tier))
+        if ignore_self and not _signature(f).parameters:
+            raise TypeError(
+                f"@singleflight(ignore_self=True) leaves the first argument out of the key, "
+                f"but {f.__qualname__} takes none; drop ignore_self="
+            )
+        store = cache
+        if store is None and ttl is not None:
+            store = TTLCache(maxsize or 1024, ttl)
+        return Singleflight(f, key=key, group=Group(store, tier=tier), ignore_self=ignore_self)
 
     if fn is not None:
         return decorate(fn)

@@ -8,6 +8,7 @@ import threading
 from asyncio.events import _get_running_loop
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import Any, Final, Generic, Literal, Protocol, TypeVar, cast, final
 
 from ._observe import note_reelection
@@ -28,6 +29,14 @@ from ._oncemap import (
     reentrancy_error,
     runs_flight,
     wait_for_outcome,
+)
+from ._options import (
+    check_cache,
+    check_cache_if,
+    check_codec,
+    check_reelect_on,
+    check_tier,
+    check_timeout,
 )
 
 __all__ = ("Codec", "Group", "Role", "Stats", "Tier", "Unshared")
@@ -105,6 +114,39 @@ def _is_cancellation(exc: BaseException) -> bool:
     return cls.__name__ == "Cancelled" and cls.__module__.startswith("trio")
 
 
+def _name(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _use_do(fn: object, value: object) -> TypeError:
+    """``do_sync`` was given async work: close its coroutine and say which method to use."""
+    value.close()  # type: ignore[attr-defined]  # never awaited: no RuntimeWarning later
+    return TypeError(
+        f"Group.do_sync runs sync work, but {_name(fn)} is async (it returned a coroutine); "
+        f"use await group.do(key, {_name(fn)}, ...) for async functions"
+    )
+
+
+def _misused_do(exc: BaseException, fn: object) -> BaseException:
+    """The leader's ``await fn(...)`` raised ``exc``: if ``fn`` was sync work, say so.
+
+    Only a TypeError raised by our own ``await`` (the innermost frame is Group code) counts:
+    the same TypeError raised inside the work is the work's own outcome.
+    """
+    tb = exc.__traceback__
+    if type(exc) is not TypeError or tb is None:
+        return exc
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb.tb_frame.f_code not in _AWAITS:
+        return exc
+    return TypeError(
+        f"Group.do awaits async work, but {_name(fn)} is sync (it ran, and returned a value "
+        f"that cannot be awaited: {exc}); use group.do_sync(key, {_name(fn)}, ...) for sync "
+        "functions"
+    )
+
+
 def _hash_error(key: object, exc: TypeError) -> TypeError:
     return TypeError(
         f"singleflight key {key!r} is not hashable ({exc}); "
@@ -140,15 +182,11 @@ class Group(Generic[V]):
         tier: Tier | None = None,
         codec: Codec[Any] | None = None,
     ) -> None:
-        if cache is not None and not isinstance(cache, MutableMapping):
-            raise TypeError(
-                f"cache must be a MutableMapping such as cachetools.TTLCache, "
-                f"got {type(cache).__name__}; pass cache=None for no cache"
-            )
-        if not isinstance(reelect_on, tuple) or not all(
-            isinstance(t, type) and issubclass(t, BaseException) for t in reelect_on
-        ):
-            raise TypeError(f"reelect_on must be a tuple of exception types, got {reelect_on!r}")
+        cache = check_cache(cache)
+        cache_if = check_cache_if(cache_if)
+        reelect_on = check_reelect_on(reelect_on)
+        tier = check_tier(tier)
+        codec = check_codec(codec)
         self._map: OnceMap[Any, V] = OnceMap()
         self._flights = self._map._flights  # the hot path reads the dict directly
         self._cache = cache
@@ -263,7 +301,10 @@ class Group(Generic[V]):
             try:
                 value = await fn(*args, **kwargs)
             except BaseException as exc:
-                self._land_failed(key, flight, exc)
+                told = _misused_do(exc, fn)
+                self._land_failed(key, flight, told)
+                if told is not exc:
+                    raise told from None
                 raise
             if type(value) is Unshared:
                 self._map.land(key, flight, SIGNAL, ALONE)
@@ -444,7 +485,10 @@ class Group(Generic[V]):
                         )
                         role = tier_role  # type: ignore[assignment]
                 except BaseException as exc:
-                    self._land_failed(key, flight, exc)
+                    told = _misused_do(exc, fn)
+                    self._land_failed(key, flight, told)
+                    if told is not exc:
+                        raise told from None
                     raise
                 return self._land_value(key, flight, value, role)
             if is_reentrant(flight):
@@ -495,6 +539,7 @@ class Group(Generic[V]):
         Then it raises ``TimeoutError`` and leaves; the flight goes on without it. A leader's
         own run is not bounded here (bound the work itself).
         """
+        check_timeout(timeout)
         return self._run_sync(key, fn, args, kwargs, timeout)
 
     @runs_flight
@@ -533,6 +578,8 @@ class Group(Generic[V]):
                 SYNC_LEADERS[0] += 1
                 try:
                     value = fn(*args, **kwargs)
+                    if type(value) is CoroutineType:
+                        raise _use_do(fn, value)
                 except BaseException as exc:
                     self._land_failed(key, flight, exc, sync=True)
                     raise
@@ -569,3 +616,7 @@ class Group(Generic[V]):
                 value = fn(*args, **kwargs)
                 return (value.value if type(value) is Unshared else value), "leader"
             return value, "follower"
+
+
+#: The code objects whose own ``await fn(...)`` may meet sync work (see ``_misused_do``).
+_AWAITS: Final = frozenset({Group.do.__code__, Group._run.__code__})
