@@ -8,7 +8,7 @@ import inspect
 import types
 import warnings
 from collections.abc import Callable, Hashable, MutableMapping
-from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from cachetools import TTLCache
 from cachetools.keys import hashkey
@@ -63,6 +63,10 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     )
 
 
+def _never_called(*args: Any, **kwargs: Any) -> Any:  # pragma: no cover - replaced at once
+    raise AssertionError("a Singleflight's func is set in _setup")
+
+
 def _signature(fn: Callable[..., Any]) -> inspect.Signature:
     try:
         return inspect.signature(fn)
@@ -85,7 +89,58 @@ def _by_identity(value: object) -> bool:
     )
 
 
-class Singleflight(Generic[P, R]):
+def _caller(sf: Singleflight[Any, Any], fn: Callable[..., Any], group: Group[Any]) -> Any:
+    """The function a call of ``sf`` runs: the key, then the Group's ``do`` or ``do_sync``.
+
+    A closure over everything it needs (no attribute look-ups), called straight from C by
+    ``functools.partial``: the decorator's whole cost on top of the Group is this function.
+    """
+    flights = group._flights
+    make_key = sf._make_key
+    plain = sf._plain
+    qualname = sf._qualname
+
+    def key_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+        if plain and not kwargs:
+            try:
+                hash(args)  # the args tuple is the key: equal to hashkey(*args)
+            except TypeError:
+                raise _unhashable_error(fn, args, kwargs) from None
+            return args
+        return make_key(args, kwargs)
+
+    if sf._is_async:
+        do = group.do
+
+        def call_async(*args: Any, **kwargs: Any) -> Any:
+            if plain and not kwargs:
+                try:
+                    hash(args)  # the args tuple is the key: equal to hashkey(*args)
+                except TypeError:
+                    raise _unhashable_error(fn, args, kwargs) from None
+                k: Hashable = args
+            else:
+                k = make_key(args, kwargs)
+            if flights and not sf._warned and k not in flights:
+                sf._check_identity(args, kwargs)  # it leads while another flight is on
+            coro = do(k, fn, *args, **kwargs) if kwargs else do(k, fn, *args)
+            # Python's "coroutine ... was never awaited" then names the user's function.
+            coro.__qualname__ = qualname  # type: ignore[attr-defined]
+            return coro
+
+        return call_async
+    do_sync = group.do_sync
+
+    def call_sync(*args: Any, **kwargs: Any) -> Any:
+        k = key_of(args, kwargs)
+        if flights and not sf._warned and k not in flights:
+            sf._check_identity(args, kwargs)
+        return do_sync(k, fn, *args, **kwargs) if kwargs else do_sync(k, fn, *args)
+
+    return call_sync
+
+
+class Singleflight(functools.partial[R], Generic[P, R]):
     """A function wrapped by ``@singleflight``: one run per key at a time.
 
     Calls with equal keys (by default: equal arguments; on a method the instance is one of
@@ -94,19 +149,37 @@ class Singleflight(Generic[P, R]):
     ``cache_clear()`` drops cached values; ``stats`` and ``group`` expose the ``Group``.
     """
 
-    def __init__(
-        self,
+    # A functools.partial of a closure (``_caller``): calling it costs no Python frame of its
+    # own, and it still carries forget/cache_pop/stats, binds to instances and pickles.
+
+    def __new__(
+        cls,
         fn: Callable[P, R],
         *,
         key: Callable[..., Hashable] | None,
         group: Group[Any],
         ignore_self: bool = False,
+    ) -> Singleflight[P, R]:
+        self = super().__new__(cls, _never_called)
+        self._setup(fn, key, group, ignore_self)
+        return self
+
+    if TYPE_CHECKING:
+
+        def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+
+    def _setup(
+        self,
+        fn: Callable[..., Any],
+        key: Callable[..., Hashable] | None,
+        group: Group[Any],
+        ignore_self: bool,
     ) -> None:
         functools.update_wrapper(self, fn)
         self._fn = fn
         self._key = key
         self._skip = 1 if ignore_self else 0  # leading arguments left out of the key
-        self.group = group
+        self._group = group
         # A shared tier is shared by every decorated function: the default key names the
         # function, or get_user(1) and get_post(1) would share one entry. A key= is the user's
         # own key space and is used as it is.
@@ -114,14 +187,22 @@ class Singleflight(Generic[P, R]):
         self._prefix = f"{fn.__module__}.{fn.__qualname__}" if shared else None
         # The plain default key of a call without keyword arguments is its args tuple itself.
         self._plain = key is None and not shared and not ignore_self
-        self._flights = group._flights  # read by the identity check, never written
         self._warned = False  # the identity-hash warning is given once per function
         params = list(_signature(fn).parameters)
         self._self_args = 1 if ignore_self or params[:1] in (["self"], ["cls"]) else 0
         self._is_async = _is_async(fn)
         self._qualname = fn.__qualname__
+        call = _caller(self, fn, group)
+        # partial's own way to set its func (read-only otherwise), keeping our __dict__.
+        cast(Any, self).__setstate__((call, (), {}, self.__dict__))
         if self._is_async:
             _mark_coroutine_function(self)
+            _mark_coroutine_function(call)  # frameworks unwrap partials to their func
+
+    @property
+    def group(self) -> Group[Any]:
+        """The Group behind this function (its flights, cache and counters)."""
+        return self._group
 
     def _make_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
         if self._key is not None:
@@ -139,23 +220,6 @@ class Singleflight(Generic[P, R]):
                 ) from None
             raise _unhashable_error(self._fn, args, kwargs) from None
         return k if self._prefix is None else (self._prefix, k)
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        if self._plain and not kwargs:
-            k: Hashable = args  # equal to hashkey(*args), without building a new tuple
-            try:
-                hash(args)
-            except TypeError:
-                raise _unhashable_error(self._fn, args, kwargs) from None
-        else:
-            k = self._make_key(args, kwargs)
-        if self._flights and not self._warned and k not in self._flights:
-            self._check_identity(args, kwargs)  # it leads while another flight is on
-        if self._is_async:
-            coro = self.group.do(k, self._fn, *args, **kwargs)  # type: ignore[arg-type]
-            coro.__qualname__ = self._qualname  # type: ignore[attr-defined]  # "coroutine 'get_user' was never awaited"
-            return cast(R, coro)
-        return cast(R, self.group.do_sync(k, self._fn, *args, **kwargs))
 
     def _check_identity(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Warn once if the key holds an argument that hashes by identity (a Request…).
@@ -212,22 +276,22 @@ class Singleflight(Generic[P, R]):
         return f"<singleflight {self._fn.__module__}.{self._qualname}>"
 
 
-class _BoundSingleflight:
-    """A ``Singleflight`` accessed on an instance: the instance is the first argument."""
+class _BoundSingleflight(functools.partial[Any]):
+    """A ``Singleflight`` accessed on an instance: a partial with the instance first."""
 
-    __slots__ = ("__dict__", "_obj", "_sf")
+    _sf: Singleflight[..., Any]
+    _obj: object
 
-    def __init__(self, sf: Singleflight[..., Any], obj: object) -> None:
+    def __new__(cls, sf: Singleflight[..., Any], obj: object) -> _BoundSingleflight:
+        self = super().__new__(cls, sf.func, obj)
         self._sf = sf
         self._obj = obj
         if sf._is_async:
             _mark_coroutine_function(self)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._sf(self._obj, *args, **kwargs)
+        return self
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return getattr, (self._obj, self._sf.__name__)  # type: ignore[attr-defined]
+        return getattr, (self._obj, self._sf.__name__)
 
     def forget(self, *args: Any, **kwargs: Any) -> None:
         self._sf.forget(self._obj, *args, **kwargs)
@@ -240,14 +304,17 @@ class _BoundSingleflight:
 
     @property
     def stats(self) -> Stats:
-        return self._sf.stats
+        return cast(Stats, self._sf.stats)
 
     @property
     def group(self) -> Group[Any]:
-        return self._sf.group
+        return cast("Group[Any]", self._sf.group)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sf, name)
+
+    def __repr__(self) -> str:
+        return f"<bound singleflight {self._sf._qualname} of {self._obj!r:.60}>"
 
 
 @overload

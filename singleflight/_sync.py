@@ -1,0 +1,135 @@
+"""The life of a flight for sync work, in threads: the thread twin of ``Group._run``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from types import CoroutineType
+from typing import TYPE_CHECKING, Any
+
+from ._cache import MISSING
+from ._reentrancy import SYNC_LEADERS, is_reentrant, reentrancy_error, runs_flight
+from ._types import Role, Unshared
+from ._waiters import ALONE, LEAD, REELECT, Flight, _ThreadWaiter
+
+if TYPE_CHECKING:
+    from ._group import Group
+
+__all__ = ("run_sync",)
+
+
+def _name(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _use_do(fn: object, value: Any) -> TypeError:
+    """``do_sync`` was given async work: close its coroutine and say which method to use."""
+    value.close()  # never awaited: no RuntimeWarning later
+    return TypeError(
+        f"Group.do_sync runs sync work, but {_name(fn)} is async (it returned a coroutine); "
+        f"use await group.do(key, {_name(fn)}, ...) for async functions"
+    )
+
+
+@runs_flight
+def run_sync(
+    group: Group[Any],
+    key: Hashable,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    timeout: float | None = None,
+) -> tuple[Any, Role]:
+    """The whole of a sync call, in three steps as in ``Group._run``: the cache in front,
+    the flight (lead it, or block until it lands), the work behind. ``timeout`` bounds a
+    follower's wait (``TimeoutError``; the flight goes on without it)."""
+    # 1. The cache in front.
+    front = group._front
+    if front is not None:
+        value = front.get(key)
+        if value is not MISSING:
+            group._cache_hits += 1
+            return value, "cache"
+    if group._tier is not None:
+        raise TypeError(
+            "a Group with a tier serves async work only (await group.do(...)); "
+            "use a Group without tier= for do_sync"
+        )
+    # 2. The flight.
+    owned: Flight | None = None
+    while True:
+        if owned is not None:
+            flight, owned, lead = owned, None, True
+        else:
+            entered = group._enter(key, None, _ThreadWaiter)
+            if entered is None:
+                continue  # the flight landed before we could join: start over
+            flight, lead, waiter = entered
+            if lead and front is not None:
+                value = group._cached_for_leader(key, flight)
+                if value is not MISSING:
+                    return value, "cache"
+        if lead:
+            # 3. The work behind.
+            group._leaders += 1
+            return group._land_value(
+                key, flight, _lead_sync(group, key, flight, fn, args, kwargs), "leader"
+            )
+        if is_reentrant(flight, whole_stack=True):
+            group._map.leave(flight, waiter)
+            raise reentrancy_error(key)
+        group._followers += 1
+        value = _follow_sync(group, key, flight, waiter, timeout)
+        if value is REELECT:
+            group._followers -= 1
+            continue
+        if value is LEAD:
+            group._followers -= 1
+            owned = flight
+            continue
+        if value is ALONE:
+            group._followers -= 1
+            group._leaders += 1
+            value = fn(*args, **kwargs)
+            return (value.value if type(value) is Unshared else value), "leader"
+        return value, "follower"
+
+
+def _lead_sync(
+    group: Group[Any],
+    key: Hashable,
+    flight: Flight,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run the work for ``flight``; if it raises, hand the flight over or share the error."""
+    SYNC_LEADERS[0] += 1
+    try:
+        value = fn(*args, **kwargs)
+        if type(value) is CoroutineType:
+            raise _use_do(fn, value)
+        return value
+    except BaseException as exc:
+        group._land_failed(key, flight, exc, sync=True)
+        raise
+    finally:
+        SYNC_LEADERS[0] -= 1
+
+
+def _follow_sync(
+    group: Group[Any], key: Hashable, flight: Flight, waiter: _ThreadWaiter, timeout: float | None
+) -> Any:
+    """Block until ``flight`` lands (or ``timeout``); return its outcome or signal."""
+    try:
+        got = waiter.lock.acquire(timeout=-1 if timeout is None else timeout)
+    except BaseException:  # e.g. KeyboardInterrupt while blocked
+        if not group._map.leave(flight, waiter):
+            group._map.resign(key, flight, waiter.payload)
+        raise
+    if not got:
+        if group._map.leave(flight, waiter):
+            raise TimeoutError(
+                f"waited {timeout} s for the flight of {key!r}; it goes on without us"
+            )
+        waiter.lock.acquire()  # an outcome is on its way: released right after
+    return waiter.outcome()
