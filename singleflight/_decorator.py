@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import types
 import warnings
 from collections.abc import Callable, Hashable, MutableMapping
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
@@ -14,37 +13,13 @@ from cachetools import TTLCache
 from cachetools.keys import hashkey
 
 from ._group import Group, Stats, Tier
+from ._keys import by_identity, unhashable_error
 from ._options import check_cache, check_maxsize, check_tier, check_ttl, fail_type
 
 __all__ = ("Singleflight", "singleflight")
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def _unhashable_error(
-    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> TypeError:
-    """Name the first argument that cannot be part of a key."""
-    where = "an argument"
-    for i, a in enumerate(args):
-        try:
-            hash(a)
-        except TypeError:
-            where = f"positional argument {i} ({type(a).__name__} {a!r:.60})"
-            break
-    else:
-        for name, a in kwargs.items():
-            try:
-                hash(a)
-            except TypeError:
-                where = f"argument {name}= ({type(a).__name__} {a!r:.60})"
-                break
-    return TypeError(
-        f"@singleflight {fn.__qualname__}: {where} is not hashable, so it cannot be part of the "
-        "key; pass key=lambda *args, **kwargs: ... returning something hashable "
-        "(e.g. a tuple or a str) that identifies the call"
-    )
 
 
 def _mark_coroutine_function(obj: Any) -> None:
@@ -74,21 +49,6 @@ def _signature(fn: Callable[..., Any]) -> inspect.Signature:
         return inspect.Signature()
 
 
-#: Types hashed by identity on purpose: equal means "the same thing" for them.
-_IDENTITY_OK = (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
-
-
-def _by_identity(value: object) -> bool:
-    """Does ``value`` hash by identity, so that equal-looking calls never share a key?"""
-    cls = type(value)
-    return (
-        cls.__hash__ is object.__hash__
-        and cls.__eq__ is object.__eq__
-        and cls is not object  # a sentinel
-        and not isinstance(value, _IDENTITY_OK)
-    )
-
-
 def _caller(sf: Singleflight[Any, Any], fn: Callable[..., Any], group: Group[Any]) -> Any:
     """The function a call of ``sf`` runs: the key, then the Group's ``do`` or ``do_sync``.
 
@@ -105,7 +65,7 @@ def _caller(sf: Singleflight[Any, Any], fn: Callable[..., Any], group: Group[Any
             try:
                 hash(args)  # the args tuple is the key: equal to hashkey(*args)
             except TypeError:
-                raise _unhashable_error(fn, args, kwargs) from None
+                raise unhashable_error(fn, args, kwargs) from None
             return args
         return make_key(args, kwargs)
 
@@ -117,7 +77,7 @@ def _caller(sf: Singleflight[Any, Any], fn: Callable[..., Any], group: Group[Any
                 try:
                     hash(args)  # the args tuple is the key: equal to hashkey(*args)
                 except TypeError:
-                    raise _unhashable_error(fn, args, kwargs) from None
+                    raise unhashable_error(fn, args, kwargs) from None
                 k: Hashable = args
             else:
                 k = make_key(args, kwargs)
@@ -218,7 +178,7 @@ class Singleflight(functools.partial[R], Generic[P, R]):
                     f"({type(k).__name__}), which is not hashable; return a tuple, str or int "
                     "instead"
                 ) from None
-            raise _unhashable_error(self._fn, args, kwargs) from None
+            raise unhashable_error(self._fn, args, kwargs) from None
         return k if self._prefix is None else (self._prefix, k)
 
     def _check_identity(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -233,7 +193,7 @@ class Singleflight(functools.partial[R], Generic[P, R]):
         named = [(f"positional argument {i}", a) for i, a in enumerate(args)]
         named += [(f"argument {name}=", a) for name, a in kwargs.items()]
         for i, (where, value) in enumerate(named):
-            if i < self._self_args or not _by_identity(value):
+            if i < self._self_args or not by_identity(value):
                 continue
             self._warned = True
             fix = "pass key=lambda ...: <what identifies the call> to the decorator"

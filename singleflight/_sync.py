@@ -1,4 +1,4 @@
-"""The life of a flight for sync work, in threads: the thread twin of ``Group._run``."""
+"""The life of a call for sync work, in threads: the thread twin of ``Flights._run``."""
 
 from __future__ import annotations
 
