@@ -37,13 +37,21 @@ class CacheFront:
         self._lock = threading.Lock()
         self._map = flights
 
-    def get(self, key: Hashable) -> Any:
+    def fresh(self, key: Hashable) -> Any:
         """The cached value of ``key``, or ``MISSING``."""
         try:
             with self._lock:
                 return self.cache.get(key, MISSING)
         except TypeError as exc:
             raise hash_error(key, exc) from None
+
+    def lookup(self, key: Hashable) -> Any:
+        """``(value, "cache")``, or ``MISSING`` (the shape ``StaleFront.lookup`` returns)."""
+        value = self.fresh(key)
+        return MISSING if value is MISSING else (value, "cache")
+
+    def close(self) -> None:
+        """Nothing runs in the background here."""
 
     def store(self, key: Hashable, flight: Flight, value: Any) -> None:
         """Keep ``value``, unless ``cache_if`` refuses it or its flight was forgotten."""

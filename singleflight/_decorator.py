@@ -14,7 +14,14 @@ from cachetools.keys import hashkey
 
 from ._group import Group, Stats, Tier
 from ._keys import by_identity, unhashable_error
-from ._options import check_cache, check_maxsize, check_tier, check_ttl, fail_type
+from ._options import (
+    check_cache,
+    check_maxsize,
+    check_tier,
+    check_ttl,
+    check_ttl_options,
+    fail_type,
+)
 
 __all__ = ("Singleflight", "singleflight")
 
@@ -290,6 +297,7 @@ def singleflight(
     cache: MutableMapping[Any, Any] | None = None,
     tier: Tier | None = None,
     ignore_self: bool = False,
+    stale_ttl: float | None = None,
 ) -> Callable[[Callable[P, R]], Singleflight[P, R]]: ...
 
 
@@ -303,6 +311,7 @@ def singleflight(
     cache: MutableMapping[Any, Any] | None = None,
     tier: Tier | None = None,
     ignore_self: bool = False,
+    stale_ttl: float | None = None,
 ) -> Singleflight[P, R] | Callable[[Callable[P, R]], Singleflight[P, R]]:
     """singleflight makes overlapping calls with equal arguments share one run.
 
@@ -319,6 +328,9 @@ def singleflight(
         tier: a shared tier (``singleflight.redis.RedisTier``); async functions only.
         ignore_self: for methods: leave the first argument (``self``/``cls``) out of the key,
             so calls on every instance share (aiocache's ``noself``).
+        stale_ttl: with ``ttl``: for ``stale_ttl`` more seconds after ``ttl`` the old result
+            is returned at once while one background refresh runs (stale-while-revalidate);
+            a failing refresh keeps it served until then (stale-if-error).
     """
     if key is not None and not callable(key):
         raise fail_type(
@@ -337,6 +349,7 @@ def singleflight(
             )
     if cache is not None and (ttl is not None or maxsize is not None):
         raise ValueError("pass either ttl=/maxsize= or cache=, not both")
+    check_ttl_options(ttl, stale_ttl, maxsize, None, None)  # stale_ttl: a number, with ttl=
     check_cache(cache)
     check_tier(tier)
     if not isinstance(ignore_self, bool):
@@ -361,10 +374,14 @@ def singleflight(
                 f"@singleflight(ignore_self=True) leaves the first argument out of the key, "
                 f"but {f.__qualname__} takes none; drop ignore_self="
             )
-        store = cache
-        if store is None and ttl is not None:
-            store = TTLCache(maxsize or 1024, ttl)
-        return Singleflight(f, key=key, group=Group(store, tier=tier), ignore_self=ignore_self)
+        if stale_ttl is not None:
+            group: Group[Any] = Group(ttl=ttl, stale_ttl=stale_ttl, maxsize=maxsize, tier=tier)
+        else:
+            store = cache
+            if store is None and ttl is not None:
+                store = TTLCache(maxsize or 1024, ttl)
+            group = Group(store, tier=tier)
+        return Singleflight(f, key=key, group=group, ignore_self=ignore_self)
 
     if fn is not None:
         return decorate(fn)

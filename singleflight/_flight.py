@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import functools
+from asyncio.events import _get_running_loop
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar, cast
 
@@ -22,6 +23,7 @@ from ._errors import AWAITS, hash_error, is_cancellation, misused_do
 from ._observe import note_reelection
 from ._oncemap import OnceMap
 from ._reentrancy import is_reentrant, reentrancy_error, runs_flight
+from ._stale import StaleFront
 from ._types import Codec, Role, Tier, Unshared
 from ._waiters import (
     ALONE,
@@ -46,7 +48,7 @@ class Flights(Generic[V]):
 
     _map: OnceMap[Any, V]
     _flights: dict[Any, Flight]
-    _front: CacheFront | None
+    _front: CacheFront | StaleFront | None
     _tier: Tier | None
     _codec: Codec[Any] | None
     _cache_if: Callable[[Any], bool] | None
@@ -67,20 +69,25 @@ class Flights(Generic[V]):
         kwargs: dict[str, Any],
         head: Flight | None,
         owned: Flight | None,
+        *,
+        refresh: bool = False,
     ) -> tuple[V, Role]:
         """The whole of a call: the cache in front, the flight, the tier (or work) behind.
 
         ``head``: the flight ``setdefault`` already returned (we are not its leader);
-        ``owned``: a flight just handed over to us (we lead it).
+        ``owned``: a flight just handed over to us (we lead it); ``refresh``: a background
+        refresh of a stale value (it skips the cache in front).
         """
         value: Any
-        # 1. The cache in front.
+        # 1. The cache in front (a stale value answers at once and starts one refresh).
         front = self._front
-        if front is not None and head is None and owned is None:
-            value = front.get(key)
-            if value is not MISSING:
+        if front is not None and head is None and owned is None and not refresh:
+            hit = front.lookup(key)
+            if hit is not MISSING:
                 self._cache_hits += 1
-                return value, "cache"
+                if hit[1] == "stale":
+                    self._revalidate(key, fn, args, kwargs)
+                return cast("tuple[V, Role]", hit)
         # 2. The flight: lead it, or follow it (and maybe be elected to lead it).
         while True:
             if owned is not None:
@@ -142,6 +149,50 @@ class Flights(Generic[V]):
         value, role = await self._tier.run(key, produce, self._codec, self._cache_if)
         return value, cast(Role, role)
 
+    # -- stale-while-revalidate ---------------------------------------------------------------
+
+    def _revalidate(
+        self,
+        key: Hashable,
+        fn: Callable[..., Awaitable[V]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """A stale value was served: start the key's one refresh, in the background.
+
+        On asyncio a task of the caller's loop, on trio a system task of the caller's run;
+        a burst of stale callers starts nothing more (``claim_refresh``).
+        """
+        front = cast(StaleFront, self._front)
+        if not front.claim_refresh(key):
+            return
+        coro = self._refresh(key, fn, args, kwargs)
+        loop = _get_running_loop()
+        if loop is None:  # trio
+            import trio
+
+            trio.lowlevel.spawn_system_task(lambda: coro, name=f"singleflight refresh {key!r:.40}")
+            return
+        task = loop.create_task(coro, name=f"singleflight refresh {key!r:.40}")
+        front.tasks.add(task)
+        task.add_done_callback(front.tasks.discard)
+
+    async def _refresh(
+        self,
+        key: Hashable,
+        fn: Callable[..., Awaitable[V]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Run the key's flight (it stores the new value); an error keeps the stale one."""
+        error: BaseException | None = None
+        try:
+            await self._run(key, fn, args, kwargs, None, None, refresh=True)
+        except Exception as exc:  # logged once by refresh_done; callers keep the stale value
+            error = exc
+        finally:
+            cast(StaleFront, self._front).refresh_done(key, error)
+
     # -- the steps both paths share ----------------------------------------------------------
 
     def _enter(
@@ -167,7 +218,7 @@ class Flights(Generic[V]):
     def _cached_for_leader(self, key: Hashable, flight: Flight) -> Any:
         """A new leader looks again: a flight may have landed (and cached) since we looked."""
         assert self._front is not None
-        value = self._front.get(key)
+        value = self._front.fresh(key)
         if value is not MISSING:
             self._cache_hits += 1
             self._map.land(key, flight, VALUE, value)

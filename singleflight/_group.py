@@ -23,8 +23,10 @@ from ._options import (
     check_reelect_on,
     check_tier,
     check_timeout,
+    check_ttl_options,
 )
 from ._reentrancy import is_reentrant, reentrancy_error, runs_flight
+from ._stale import StaleFront, TtlOf
 from ._sync import run_sync
 from ._types import Codec, Role, Stats, Tier, Unshared
 from ._waiters import (
@@ -60,6 +62,14 @@ class Group(Flights[V]):
             Cancelling the leader always does this.
         tier: a shared tier (``singleflight.redis.RedisTier``) the local leader goes through.
         codec: how the tier stores values; None lets the tier choose.
+        ttl: instead of ``cache``: keep each value ``ttl`` seconds from its completion
+            (role ``"cache"``), in a cache of ``maxsize`` entries (default 1024).
+        stale_ttl: with ``ttl``: for ``stale_ttl`` more seconds serve the old value at once
+            (role ``"stale"``) while one background refresh per key runs (stale-while-
+            revalidate); if it fails, keep serving it until then (stale-if-error).
+        maxsize: the most values the ``ttl`` cache keeps (least recently used go first).
+        ttl_of: with ``ttl``: ``ttl_of(value) -> (ttl, stale_ttl)`` gives each value its own
+            times, or None to keep it out (a refresh kept out removes the stale entry).
     """
 
     def __init__(
@@ -70,22 +80,31 @@ class Group(Flights[V]):
         reelect_on: tuple[type[BaseException], ...] = (),
         tier: Tier | None = None,
         codec: Codec[Any] | None = None,
+        ttl: float | None = None,
+        stale_ttl: float | None = None,
+        maxsize: int | None = None,
+        ttl_of: TtlOf | None = None,
     ) -> None:
         cache = check_cache(cache)
         cache_if = check_cache_if(cache_if)
         reelect_on = check_reelect_on(reelect_on)
         self._tier: Tier | None = check_tier(tier)
         self._codec = check_codec(codec)
+        times = check_ttl_options(ttl, stale_ttl, maxsize, ttl_of, cache)
         self._map: OnceMap[Any, V] = OnceMap()
         self._flights = self._map._flights  # the hot path reads the dict directly
-        self._front = None if cache is None else CacheFront(cache, cache_if, self._map)
+        self._front: CacheFront | StaleFront | None = None
+        if times is not None:
+            self._front = StaleFront(*times, cache_if, ttl_of, self._map)
+        elif cache is not None:
+            self._front = CacheFront(cache, cache_if, self._map)
         self._cache_if = cache_if
         self._reelect = _CANCELLED + reelect_on
         self._reelect_sync: tuple[type[BaseException], ...] = (
             asyncio.CancelledError,
             *reelect_on,
         )
-        self._plain = cache is None and tier is None  # True: do() may take the fast path
+        self._plain = self._front is None and tier is None  # True: do() may take the fast path
         # Counters: plain += under the GIL (no preemption inside one such statement).
         self._leaders = 0
         self._followers = 0
@@ -120,7 +139,7 @@ class Group(Flights[V]):
     @property
     def cache(self) -> MutableMapping[Any, V] | None:
         """The cache of completed values, or None."""
-        return None if self._front is None else self._front.cache
+        return None if self._front is None else cast("MutableMapping[Any, V]", self._front.cache)
 
     def forget(self, key: Hashable) -> None:
         """Forget ``key``: the next caller runs the work afresh.
@@ -145,9 +164,16 @@ class Group(Flights[V]):
         """Drop every cached value; flights in progress will not store theirs.
 
         Their current callers still get their values; later callers start new flights.
+        The background refresh threads (``stale_ttl``) are closed.
         """
         if self._front is not None:
             self._front.clear()
+
+    def close(self) -> None:
+        """Stop the background refreshes (``stale_ttl``): their tasks are cancelled and their
+        worker threads closed. The Group still works; a later stale value refreshes anew."""
+        if self._front is not None:
+            self._front.close()
 
     # -- async ----------------------------------------------------------------------------
 

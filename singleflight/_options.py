@@ -15,6 +15,7 @@ __all__ = (
     "check_tier",
     "check_timeout",
     "check_ttl",
+    "check_ttl_options",
     "fail_type",
 )
 
@@ -120,3 +121,44 @@ def check_timeout(timeout: object) -> None:
         raise fail_type("timeout", "a number of seconds or None", timeout, "pass e.g. 5.0")
     if not timeout >= 0:
         raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+
+
+def check_ttl_options(
+    ttl: object, stale_ttl: object, maxsize: object, ttl_of: object, cache: object
+) -> tuple[float, float, int] | None:
+    """A Group's own ttl cache: ``(ttl, stale_ttl, maxsize)``, or None without ``ttl=``."""
+    ttl = check_ttl(ttl)
+    if stale_ttl is not None:
+        if isinstance(stale_ttl, bool) or not isinstance(stale_ttl, (int, float)):
+            raise fail_type(
+                "stale_ttl", "a number of seconds or None", stale_ttl, "pass e.g. stale_ttl=30.0"
+            )
+        if not (stale_ttl >= 0 and math.isfinite(stale_ttl)):
+            raise ValueError(
+                f"stale_ttl must be >= 0 and finite, got {stale_ttl!r}; "
+                "pass stale_ttl=None to serve nothing stale"
+            )
+    if maxsize is not None:
+        maxsize = check_maxsize(maxsize)
+    if ttl_of is not None and not callable(ttl_of):
+        raise fail_type(
+            "ttl_of",
+            "a callable value -> (ttl, stale_ttl) or None",
+            ttl_of,
+            "or None to give every value ttl= and stale_ttl=",
+        )
+    given = [
+        name
+        for name, v in (("stale_ttl", stale_ttl), ("maxsize", maxsize), ("ttl_of", ttl_of))
+        if v is not None
+    ]
+    if ttl is None:
+        if given:
+            raise ValueError(
+                f"{given[0]}= needs ttl= (how long a value is fresh); pass ttl= too, "
+                f"e.g. ttl=60, {given[0]}=..."
+            )
+        return None
+    if cache is not None:
+        raise ValueError("pass either cache= or ttl= (with stale_ttl=/maxsize=), not both")
+    return ttl, float(stale_ttl or 0.0), int(maxsize or 1024)

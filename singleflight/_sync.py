@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from types import CoroutineType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._cache import MISSING
 from ._reentrancy import SYNC_LEADERS, is_reentrant, reentrancy_error, runs_flight
@@ -38,17 +38,22 @@ def run_sync(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     timeout: float | None = None,
+    *,
+    refresh: bool = False,
 ) -> tuple[Any, Role]:
-    """The whole of a sync call, in three steps as in ``Group._run``: the cache in front,
+    """The whole of a sync call, in three steps as in ``Flights._run``: the cache in front,
     the flight (lead it, or block until it lands), the work behind. ``timeout`` bounds a
-    follower's wait (``TimeoutError``; the flight goes on without it)."""
-    # 1. The cache in front.
+    follower's wait (``TimeoutError``; the flight goes on without it); ``refresh``: a
+    background refresh of a stale value (it skips the cache in front)."""
+    # 1. The cache in front (a stale value answers at once and starts one refresh).
     front = group._front
-    if front is not None:
-        value = front.get(key)
-        if value is not MISSING:
+    if front is not None and not refresh:
+        hit = front.lookup(key)
+        if hit is not MISSING:
             group._cache_hits += 1
-            return value, "cache"
+            if hit[1] == "stale" and front.claim_refresh(key):  # type: ignore[union-attr]
+                front.submit(key, _refresh_sync, group, key, fn, args, kwargs)  # type: ignore[union-attr]
+            return cast("tuple[Any, Role]", hit)
     if group._tier is not None:
         raise TypeError(
             "a Group with a tier serves async work only (await group.do(...)); "
@@ -92,6 +97,25 @@ def run_sync(
             value = fn(*args, **kwargs)
             return (value.value if type(value) is Unshared else value), "leader"
         return value, "follower"
+
+
+def _refresh_sync(
+    group: Group[Any],
+    key: Hashable,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    """On a refresh worker thread: run the key's flight; an error keeps the stale value."""
+    error: BaseException | None = None
+    try:
+        run_sync(group, key, fn, args, kwargs, refresh=True)
+    except Exception as exc:  # logged once by refresh_done; callers keep the stale value
+        error = exc
+    finally:
+        front = group._front
+        if front is not None:
+            front.refresh_done(key, error)  # type: ignore[union-attr]
 
 
 def _lead_sync(
