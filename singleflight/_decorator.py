@@ -77,7 +77,7 @@ def _caller(sf: Singleflight[Any, Any], fn: Callable[..., Any], group: Group[Any
         return make_key(args, kwargs)
 
     if sf._is_async:
-        do = group.do
+        do = group._do_args  # Group.do without packing the arguments again
 
         def call_async(*args: Any, **kwargs: Any) -> Any:
             if plain and not kwargs:
@@ -90,7 +90,7 @@ def _caller(sf: Singleflight[Any, Any], fn: Callable[..., Any], group: Group[Any
                 k = make_key(args, kwargs)
             if flights and not sf._warned and k not in flights:
                 sf._check_identity(args, kwargs)  # it leads while another flight is on
-            coro = do(k, fn, *args, **kwargs) if kwargs else do(k, fn, *args)
+            coro = do(k, fn, args, kwargs)
             # Python's "coroutine ... was never awaited" then names the user's function.
             coro.__qualname__ = qualname  # type: ignore[attr-defined]
             return coro

@@ -34,6 +34,7 @@ from ._waiters import (
     LEAD,
     SIGNAL,
     VALUE,
+    Flight,
     abandon_future,
 )
 
@@ -199,6 +200,48 @@ class Group(Flights[V]):
             head = flights.setdefault(key, flight)
         except TypeError as exc:
             raise hash_error(key, exc) from None
+        if head is flight:  # we lead: a copy of this branch is in _do_args
+            self._leaders += 1
+            try:
+                value = await (fn(*args, **kwargs) if kwargs else fn(*args))
+            except BaseException as exc:
+                told = misused_do(exc, fn)
+                self._land_failed(key, flight, told)
+                if told is not exc:
+                    raise told from None
+                raise
+            if type(value) is Unshared:
+                self._map.land(key, flight, SIGNAL, ALONE)
+                return cast(V, value.value)  # type: ignore[attr-defined]
+            if not flight:
+                del flights[key]  # remove first, then look again (see _oncemap)
+                if not flight:
+                    return value
+                self._map._land_locked(key, flight, VALUE, value, removed=True)
+            else:
+                self._map._land_locked(key, flight, VALUE, value, removed=False)
+            return value
+        return await self._follow(key, fn, args, kwargs, head)
+
+    @runs_flight
+    async def _do_args(
+        self,
+        key: Hashable,
+        fn: Callable[..., Awaitable[V]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> V:
+        """``do`` for a caller that holds the arguments as a tuple and a dict already (the
+        decorator): the same fast path, without packing them once more. Keep the leader's
+        branch in step with ``do``'s (the decorator's tests run through this one)."""
+        if not self._plain:
+            return (await self._run(key, fn, args, kwargs, None, None))[0]
+        flights = self._flights
+        flight: list[Any] = []
+        try:
+            head = flights.setdefault(key, flight)
+        except TypeError as exc:
+            raise hash_error(key, exc) from None
         if head is flight:
             self._leaders += 1
             try:
@@ -220,20 +263,32 @@ class Group(Flights[V]):
             else:
                 self._map._land_locked(key, flight, VALUE, value, removed=False)
             return value
+        return await self._follow(key, fn, args, kwargs, head)
+
+    async def _follow(
+        self,
+        key: Hashable,
+        fn: Callable[..., Awaitable[V]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        head: Flight,
+    ) -> V:
+        """The follower's side of ``do``: ``head`` is the flight that owns ``key``."""
         loop = _get_running_loop()
         if loop is None or self._map._next:
             return (await self._run(key, fn, args, kwargs, head, None))[0]
-        # The follower's fast path (asyncio, nothing forgotten): no lock, no coroutine of its
-        # own. Register first, then re-check that the flight still owns the key (uv #3724).
+        # The follower's fast path (asyncio, nothing forgotten): no lock, no task, no future
+        # of the map's. Register first, then re-check the flight still owns the key (uv #3724).
         fut = loop.create_future()
         head.append(fut)
-        if flights.get(key) is not head:
+        if self._flights.get(key) is not head:
             fut.cancel()  # the flight landed before it could see us: start over
             return (await self._run(key, fn, args, kwargs, None, None))[0]
         if is_reentrant(head):
             fut.cancel()
             raise reentrancy_error(key)
         self._followers += 1
+        value: Any
         try:
             value = await fut
         except BaseException:
@@ -245,7 +300,7 @@ class Group(Flights[V]):
         if value is ALONE:
             self._followers -= 1
             return await self._alone(fn, args, kwargs)
-        return value
+        return cast(V, value)
 
     async def do_with_role(
         self, key: Hashable, fn: Callable[..., Awaitable[V]], /, *args: Any, **kwargs: Any
@@ -287,4 +342,4 @@ class Group(Flights[V]):
         return run_sync(self, key, fn, args, kwargs, timeout)
 
 
-AWAITS.add(Group.do.__code__)  # where our own await meets fn's value
+AWAITS.update({Group.do.__code__, Group._do_args.__code__})  # where our own await meets fn's value

@@ -349,3 +349,38 @@ def test_trio_stale_refreshes_in_a_system_task() -> None:
 
     assert trio.run(main) == [("v1", "leader"), ("v1", "stale"), ("v2", "cache")]
     assert_idle(g)
+
+
+def test_close_with_a_queued_sync_refresh_lets_the_next_stale_caller_refresh() -> None:
+    """Refreshes queued behind busy workers are cancelled by close(); they never report back,
+    so close() must not leave their keys marked "refreshing" for ever."""
+    from singleflight._stale import REFRESH_THREADS
+
+    g, clock = _stale_group()
+    gate = threading.Event()
+    started: list[str] = []
+
+    def work(key: str, block: bool) -> str:
+        started.append(key)
+        if block:
+            assert gate.wait(TIMEOUT)
+        return key
+
+    keys = [f"k{i}" for i in range(REFRESH_THREADS + 1)]
+    for k in keys:
+        assert g.do_sync(k, work, k, False) == k
+    clock.now += 15
+    for k in keys:  # each stale hit starts its key's refresh; the last one queues
+        assert g.do_sync_with_role(k, work, k, True) == (k, "stale")
+    wait_until(lambda: len(started) == 2 * len(keys) - 1, "every worker is busy")
+    g.close()  # cancels the queued refresh of the last key
+    last = keys[-1]
+    assert g.do_sync_with_role(last, work, last, False) == (last, "stale")
+    wait_until(lambda: started.count(last) == 2, "a new refresh of the last key ran")
+    gate.set()
+    wait_until(lambda: not _refreshing(g) and g.in_flight == 0, "every refresh landed")
+    g.close()
+    for t in _refresh_threads():
+        t.join(TIMEOUT)
+    assert _refresh_threads() == []
+    assert_idle(g)
