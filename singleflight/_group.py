@@ -203,7 +203,7 @@ class Group(Flights[V]):
         if head is flight:  # we lead: a copy of this branch is in _do_args
             self._leaders += 1
             try:
-                value = await (fn(*args, **kwargs) if kwargs else fn(*args))
+                value = await (fn(*args, **kwargs) if kwargs else fn(*args) if args else fn())
             except BaseException as exc:
                 told = misused_do(exc, fn)
                 self._land_failed(key, flight, told)
@@ -245,7 +245,7 @@ class Group(Flights[V]):
         if head is flight:
             self._leaders += 1
             try:
-                value = await (fn(*args, **kwargs) if kwargs else fn(*args))
+                value = await (fn(*args, **kwargs) if kwargs else fn(*args) if args else fn())
             except BaseException as exc:
                 told = misused_do(exc, fn)
                 self._land_failed(key, flight, told)
@@ -284,7 +284,7 @@ class Group(Flights[V]):
         if self._flights.get(key) is not head:
             fut.cancel()  # the flight landed before it could see us: start over
             return (await self._run(key, fn, args, kwargs, None, None))[0]
-        if is_reentrant(head):
+        if is_reentrant(head, depth=3):  # skip this frame and do's (or _do_args')
             fut.cancel()
             raise reentrancy_error(key)
         self._followers += 1

@@ -34,16 +34,17 @@ SYNC_LEADERS = [0]
 _CO_ASYNC = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
-def is_reentrant(flight: Flight, *, whole_stack: bool = False) -> bool:
+def is_reentrant(flight: Flight, *, whole_stack: bool = False, depth: int = 2) -> bool:
     """True if the current call stack is already leading ``flight`` (it would wait on itself).
 
     Leaders pay nothing for this: only a follower walks its own stack, looking for a frame that
     leads the very flight it is about to wait on. An async follower stops at the first frame
     that is not a coroutine (the edge of its task) unless a sync leader is running somewhere.
     A child task spawned by the work is not on this stack, so it is not caught (documented
-    in how-it-works).
+    in how-it-works). ``depth``: the frames to skip (this one, the caller's own, ...): reading
+    a frame's locals is the expensive part, and the follower's own frames never lead.
     """
-    frame: FrameType | None = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(depth)
     whole_stack = whole_stack or SYNC_LEADERS[0] > 0
     codes = _FLIGHT_CODES
     while frame is not None:
