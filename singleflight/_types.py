@@ -44,6 +44,7 @@ class Stats:
     ended up being served. ``errors`` counts flights whose work raised (cancellations and
     re-elections excluded); ``reelections`` counts flights a leader handed to a follower
     (cancelled, timed out); ``bypasses`` counts requests an HTTP adapter let straight through.
+    A background refresh of a stale value (``stale_ttl``) counts as a call that led.
     """
 
     calls: int
