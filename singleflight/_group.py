@@ -221,7 +221,32 @@ class Group(Flights[V]):
             else:
                 self._map._land_locked(key, flight, VALUE, value, removed=False)
             return value
-        return await self._follow(key, fn, args, kwargs, head)
+        loop = _get_running_loop()
+        if loop is None or self._map._next:
+            return (await self._run(key, fn, args, kwargs, head, None))[0]
+        # The follower's fast path (asyncio, nothing forgotten): no lock, no coroutine of its
+        # own. Register first, then re-check that the flight still owns the key (uv #3724).
+        fut = loop.create_future()
+        head.append(fut)
+        if flights.get(key) is not head:
+            fut.cancel()  # the flight landed before it could see us: start over
+            return (await self._run(key, fn, args, kwargs, None, None))[0]
+        if is_reentrant(head):
+            fut.cancel()
+            raise reentrancy_error(key)
+        self._followers += 1
+        try:
+            value = await fut
+        except BaseException:
+            abandon_future(self._map, key, head, fut)
+            raise
+        if value is LEAD:  # the leader gave up and handed the flight to us
+            self._followers -= 1
+            return (await self._run(key, fn, args, kwargs, None, head))[0]
+        if value is ALONE:
+            self._followers -= 1
+            return await self._alone(fn, args, kwargs)
+        return value
 
     @runs_flight
     async def _do_args(
@@ -273,7 +298,7 @@ class Group(Flights[V]):
         kwargs: dict[str, Any],
         head: Flight,
     ) -> V:
-        """The follower's side of ``do``: ``head`` is the flight that owns ``key``."""
+        """``_do_args``' follower: a copy of ``do``'s follower branch (``head`` owns ``key``)."""
         loop = _get_running_loop()
         if loop is None or self._map._next:
             return (await self._run(key, fn, args, kwargs, head, None))[0]
