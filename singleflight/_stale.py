@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, MutableMapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final
 
 from ._cache import MISSING
@@ -31,6 +31,52 @@ class _Entry:
         self.value = value
         self.fresh_until = fresh_until
         self.stale_until = stale_until
+
+
+class _RefreshThreads:
+    """At most ``n`` daemon threads named ``singleflight-refresh-<i>``, fed by one queue.
+
+    Daemon threads: a refresh stuck upstream must never keep the process from exiting (its
+    value was only ever going to the cache). ``close`` drops the queued jobs and lets each
+    thread end after the job it is running.
+    """
+
+    def __init__(self, n: int) -> None:
+        self._n = n
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._threads: list[threading.Thread] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue a job (the caller holds the front's lock); start a thread if one is missing."""
+        self._jobs.put((fn, args))
+        self._threads = [t for t in self._threads if t.is_alive()]
+        if len(self._threads) < self._n:
+            name = f"singleflight-refresh-{len(self._threads)}"
+            thread = threading.Thread(target=self._work, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, args = job
+            try:
+                fn(*args)
+            except BaseException:  # the job reports its own errors (refresh_done)
+                pass
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._jobs.put(None)
 
 
 class StaleFront(MutableMapping[Any, Any]):
@@ -68,7 +114,7 @@ class StaleFront(MutableMapping[Any, Any]):
         self._map = flights
         self._refreshing: set[Any] = set()  # keys whose refresh runs now
         self._retry_at: dict[Any, float] = {}  # key -> no new refresh before (after a failure)
-        self._executor: ThreadPoolExecutor | None = None
+        self._workers: _RefreshThreads | None = None
         self.tasks: set[Any] = set()  # refresh tasks running on event loops
 
     @property
@@ -178,18 +224,12 @@ class StaleFront(MutableMapping[Any, Any]):
                 error,
             )
 
-    def submit(self, key: Hashable, fn: Callable[..., Any], *args: Any) -> Future[Any] | None:
-        """Run ``key``'s sync refresh on one of ``REFRESH_THREADS`` named worker threads."""
-        try:
-            with self._lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(
-                        REFRESH_THREADS, thread_name_prefix="singleflight-refresh"
-                    )
-                return self._executor.submit(fn, *args)
-        except RuntimeError:  # the interpreter is shutting down: serve stale, refresh nothing
-            self.refresh_done(key, None)
-            return None
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a sync refresh on one of ``REFRESH_THREADS`` named daemon worker threads."""
+        with self._lock:
+            if self._workers is None:
+                self._workers = _RefreshThreads(REFRESH_THREADS)
+            self._workers.submit(fn, *args)
 
     def close(self) -> None:
         """Cancel the refresh tasks and close the refresh threads (each ends after its job)."""
@@ -202,12 +242,12 @@ class StaleFront(MutableMapping[Any, Any]):
 
     def _close_threads(self) -> None:
         with self._lock:
-            executor, self._executor = self._executor, None
-            # Refreshes still queued are cancelled below and never report back: let the
+            workers, self._workers = self._workers, None
+            # Refreshes still queued are dropped below and never report back: let the
             # next stale caller start a new one (a running one was forgotten by clear()).
             self._refreshing.clear()
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+        if workers is not None:
+            workers.close()
 
     # -- the mapping view (Group.cache) ----------------------------------------------------
 

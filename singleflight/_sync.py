@@ -52,7 +52,7 @@ def run_sync(
         if hit is not MISSING:
             group._cache_hits += 1
             if hit[1] == "stale" and front.claim_refresh(key):  # type: ignore[union-attr]
-                front.submit(key, _refresh_sync, group, key, fn, args, kwargs)  # type: ignore[union-attr]
+                front.submit(_refresh_sync, group, key, fn, args, kwargs)  # type: ignore[union-attr]
             return cast("tuple[Any, Role]", hit)
     if group._tier is not None:
         raise TypeError(

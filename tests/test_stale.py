@@ -228,8 +228,9 @@ def test_sync_stale_is_served_at_once_and_one_named_thread_refreshes() -> None:
     callers = [start(g.do_sync_with_role, "k", work) for _ in range(20)]
     assert [c.outcome() for c in callers] == [("v1", "stale")] * 20
     wait_until(lambda: len(calls) == 2, "the one refresh runs")
-    names = [t.name for t in _refresh_threads()]
-    assert names and all(n.startswith("singleflight-refresh") for n in names)
+    threads = _refresh_threads()
+    assert threads and all(t.name.startswith("singleflight-refresh-") for t in threads)
+    assert all(t.daemon for t in threads)  # a refresh stuck upstream never blocks exit
     gate.set()
     wait_until(lambda: not _refreshing(g), "the refresh landed")
     assert g.do_sync_with_role("k", work) == ("v2", "cache") and len(calls) == 2
@@ -384,3 +385,35 @@ def test_close_with_a_queued_sync_refresh_lets_the_next_stale_caller_refresh() -
         t.join(TIMEOUT)
     assert _refresh_threads() == []
     assert_idle(g)
+
+
+def test_a_sync_refresh_stuck_upstream_does_not_keep_the_process_alive() -> None:
+    """A real child process serves a stale value whose refresh hangs for ever, then exits."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading\n"
+        "from singleflight import Group\n"
+        "g = Group(ttl=10, stale_ttl=20)\n"
+        "now = [0.0]\n"
+        "g._front._timer = lambda: now[0]\n"
+        "assert g.do_sync('k', lambda: 'v1') == 'v1'\n"
+        "now[0] = 15.0\n"
+        "hang = threading.Event()\n"
+        "def stuck():\n"
+        "    print('refreshing', flush=True)\n"
+        "    hang.wait()\n"
+        "print(g.do_sync_with_role('k', stuck), flush=True)\n"
+        "import time\n"
+        "deadline = time.monotonic() + 10\n"
+        "while g.in_flight == 0 and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n"
+        "print('exiting', g.in_flight, flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "('v1', 'stale')" in out and "refreshing" in out and "exiting 1" in out, out
