@@ -393,7 +393,7 @@ def test_a_sync_refresh_stuck_upstream_does_not_keep_the_process_alive() -> None
     import sys
 
     code = (
-        "import threading\n"
+        "import sys, threading\n"
         "from singleflight import Group\n"
         "g = Group(ttl=10, stale_ttl=20)\n"
         "now = [0.0]\n"
@@ -402,14 +402,14 @@ def test_a_sync_refresh_stuck_upstream_does_not_keep_the_process_alive() -> None
         "now[0] = 15.0\n"
         "hang = threading.Event()\n"
         "def stuck():\n"
-        "    print('refreshing', flush=True)\n"
+        "    sys.stdout.write('refreshing\\n')\n"
         "    hang.wait()\n"
-        "print(g.do_sync_with_role('k', stuck), flush=True)\n"
+        "sys.stdout.write(repr(g.do_sync_with_role('k', stuck)) + '\\n')\n"
         "import time\n"
         "deadline = time.monotonic() + 10\n"
         "while g.in_flight == 0 and time.monotonic() < deadline:\n"
         "    time.sleep(0.01)\n"
-        "print('exiting', g.in_flight, flush=True)\n"
+        "sys.stdout.write(f'exiting {g.in_flight}\\n')\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
