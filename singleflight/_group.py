@@ -1,127 +1,52 @@
-"""Group: one flight per key, with an optional cache in front and an optional shared tier."""
+"""Group: one flight per key, with an optional cache in front and an optional shared tier.
+
+Group is the public face: options, counters, invalidation, and the calls (``do``,
+``do_sync``...). The life of a call is in ``_flight`` (async) and ``_sync`` (threads); a Group
+with neither cache nor tier takes ``do``'s fast path: one insert, the work, one delete.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import threading
 from asyncio.events import _get_running_loop
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
-from dataclasses import dataclass
-from typing import Any, Final, Generic, Literal, Protocol, TypeVar, cast, final
+from typing import Any, TypeVar, cast
 
-from ._observe import note_reelection
-from ._oncemap import (
+from ._cache import CacheFront
+from ._errors import AWAITS, hash_error, misused_do
+from ._flight import Flights
+from ._oncemap import OnceMap
+from ._options import (
+    check_cache,
+    check_cache_if,
+    check_codec,
+    check_reelect_on,
+    check_tier,
+    check_timeout,
+    check_ttl_options,
+)
+from ._reentrancy import is_reentrant, reentrancy_error, runs_flight
+from ._stale import StaleFront, TtlOf
+from ._sync import run_sync
+from ._types import Codec, Role, Stats, Tier, Unshared
+from ._waiters import (
     ALONE,
-    ERROR,
     LEAD,
-    REELECT,
     SIGNAL,
-    SYNC_LEADERS,
     VALUE,
-    OnceMap,
-    _ThreadWaiter,
-    _Waiter,
+    Flight,
     abandon_future,
-    is_reentrant,
-    new_waiter,
-    reentrancy_error,
-    runs_flight,
-    wait_for_outcome,
 )
 
 __all__ = ("Codec", "Group", "Role", "Stats", "Tier", "Unshared")
 
-T = TypeVar("T")
 V = TypeVar("V")
 
-#: How a call was served.
-Role = Literal["leader", "follower", "cache", "shared", "remote", "stale"]
-
-_MISSING: Final = object()
 # The leader's own end, not an outcome: cancelled, or its coroutine closed with its loop.
 _CANCELLED = (asyncio.CancelledError, GeneratorExit)
 
 
-class Codec(Protocol[V]):
-    """Turns values into bytes and back, for a shared tier (never pickle)."""
-
-    def encode(self, value: V, /) -> bytes: ...
-
-    def decode(self, data: bytes, /) -> V: ...
-
-
-class Tier(Protocol):
-    """A shared tier (e.g. ``singleflight.redis.RedisTier``) the local leader goes through."""
-
-    async def run(
-        self,
-        key: Hashable,
-        produce: Callable[[], Awaitable[Any]],
-        codec: Codec[Any] | None,
-        cacheable: Callable[[Any], bool] | None,
-    ) -> tuple[Any, str]: ...
-
-    def run_sync(  # sync tier (issue 14)
-        self,
-        key: Hashable,
-        produce: Callable[[], Any],
-        codec: Codec[Any] | None,
-        cacheable: Callable[[Any], bool] | None,
-        wait: float | None = None,
-    ) -> tuple[Any, str]: ...  # sync tier (issue 14)
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class Stats:
-    """A snapshot of a Group's counters.
-
-    ``calls == leaders + followers + cache_hits``: every call is counted once, by how it
-    ended up being served. ``errors`` counts flights whose work raised (cancellations and
-    re-elections excluded); ``reelections`` counts flights a leader handed to a follower
-    (cancelled, timed out); ``bypasses`` counts requests an HTTP adapter let straight through.
-    """
-
-    calls: int
-    leaders: int
-    followers: int
-    cache_hits: int
-    errors: int
-    reelections: int = 0
-    bypasses: int = 0
-
-
-@final
-class Unshared(Generic[T]):
-    """Returned by a leader's work: give ``value`` to the leader only.
-
-    Every follower of that flight then runs its own work, alone. Used by the HTTP adapters for
-    responses that must not be shared (Set-Cookie, event streams, oversized bodies).
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: T) -> None:
-        self.value = value
-
-
-def _is_cancellation(exc: BaseException) -> bool:
-    """Cancellation of the current task, on asyncio or on trio (without importing trio)."""
-    if isinstance(exc, asyncio.CancelledError):
-        return True
-    cls = type(exc)
-    return cls.__name__ == "Cancelled" and cls.__module__.startswith("trio")
-
-
-def _hash_error(key: object, exc: TypeError) -> TypeError:
-    return TypeError(
-        f"singleflight key {key!r} is not hashable ({exc}); "
-        "pass a hashable key, e.g. a tuple instead of a list, or give the decorator key=..."
-    )
-
-
-class Group(Generic[V]):
+class Group(Flights[V]):
     """Group runs work once per key at a time; every concurrent caller of a key shares it.
 
     ``await do(key, fn, ...)`` (async work) and ``do_sync(key, fn, ...)`` (sync work, from any
@@ -138,6 +63,14 @@ class Group(Generic[V]):
             Cancelling the leader always does this.
         tier: a shared tier (``singleflight.redis.RedisTier``) the local leader goes through.
         codec: how the tier stores values; None lets the tier choose.
+        ttl: instead of ``cache``: keep each value ``ttl`` seconds from its completion
+            (role ``"cache"``), in a cache of ``maxsize`` entries (default 1024).
+        stale_ttl: with ``ttl``: for ``stale_ttl`` more seconds serve the old value at once
+            (role ``"stale"``) while one background refresh per key runs (stale-while-
+            revalidate); if it fails, keep serving it until then (stale-if-error).
+        maxsize: the most values the ``ttl`` cache keeps (least recently used go first).
+        ttl_of: with ``ttl``: ``ttl_of(value) -> (ttl, stale_ttl)`` gives each value its own
+            times, or None to keep it out (a refresh kept out removes the stale entry).
     """
 
     def __init__(
@@ -148,25 +81,31 @@ class Group(Generic[V]):
         reelect_on: tuple[type[BaseException], ...] = (),
         tier: Tier | None = None,
         codec: Codec[Any] | None = None,
+        ttl: float | None = None,
+        stale_ttl: float | None = None,
+        maxsize: int | None = None,
+        ttl_of: TtlOf | None = None,
     ) -> None:
-        if cache is not None and not isinstance(cache, MutableMapping):
-            raise TypeError(
-                f"cache must be a MutableMapping such as cachetools.TTLCache, "
-                f"got {type(cache).__name__}; pass cache=None for no cache"
-            )
-        if not isinstance(reelect_on, tuple) or not all(
-            isinstance(t, type) and issubclass(t, BaseException) for t in reelect_on
-        ):
-            raise TypeError(f"reelect_on must be a tuple of exception types, got {reelect_on!r}")
+        cache = check_cache(cache)
+        cache_if = check_cache_if(cache_if)
+        reelect_on = check_reelect_on(reelect_on)
+        self._tier: Tier | None = check_tier(tier)
+        self._codec = check_codec(codec)
+        times = check_ttl_options(ttl, stale_ttl, maxsize, ttl_of, cache)
         self._map: OnceMap[Any, V] = OnceMap()
         self._flights = self._map._flights  # the hot path reads the dict directly
-        self._cache = cache
+        self._front: CacheFront | StaleFront | None = None
+        if times is not None:
+            self._front = StaleFront(*times, cache_if, ttl_of, self._map)
+        elif cache is not None:
+            self._front = CacheFront(cache, cache_if, self._map)
         self._cache_if = cache_if
-        self._cache_lock = threading.Lock()  # guards self._cache (cachetools is not thread-safe)
         self._reelect = _CANCELLED + reelect_on
-        self._tier = tier
-        self._codec = codec
-        self._plain = cache is None and tier is None  # True: do() may take the fast path
+        self._reelect_sync: tuple[type[BaseException], ...] = (
+            asyncio.CancelledError,
+            *reelect_on,
+        )
+        self._plain = self._front is None and tier is None  # True: do() may take the fast path
         # Counters: plain += under the GIL (no preemption inside one such statement).
         self._leaders = 0
         self._followers = 0
@@ -174,7 +113,7 @@ class Group(Generic[V]):
         self._errors = 0
         self._reelections = 0
 
-    # -- introspection -------------------------------------------------------------------
+    # -- introspection and invalidation ---------------------------------------------------
 
     @property
     def in_flight(self) -> int:
@@ -201,23 +140,41 @@ class Group(Generic[V]):
     @property
     def cache(self) -> MutableMapping[Any, V] | None:
         """The cache of completed values, or None."""
-        return self._cache
+        return None if self._front is None else cast("MutableMapping[Any, V]", self._front.cache)
 
     def forget(self, key: Hashable) -> None:
-        """Forget ``key``: later callers start a new flight; current waiters keep the old one."""
-        self._map.forget(key)
+        """Forget ``key``: the next caller runs the work afresh.
 
-    def cache_clear(self) -> None:
-        """Drop every cached value (flights in progress are not affected)."""
-        if self._cache is not None:
-            with self._cache_lock:
-                self._cache.clear()
+        Its cached value (if any) is dropped, and the flight in progress, if any, will not
+        store its value when it lands; its current callers still get that value. Callers
+        that come after this start a new flight.
+        """
+        if self._front is None:
+            self._map.forget(key)
+        else:
+            self._front.forget(key)
 
     def cache_pop(self, key: Hashable) -> None:
-        """Drop the cached value of ``key``, if any."""
-        if self._cache is not None:
-            with self._cache_lock:
-                self._cache.pop(key, None)
+        """Invalidate ``key`` (async-lru's ``cache_invalidate``): the same as ``forget``.
+
+        The cached value is dropped and a flight in progress will not store its value.
+        """
+        self.forget(key)
+
+    def cache_clear(self) -> None:
+        """Drop every cached value; flights in progress will not store theirs.
+
+        Their current callers still get their values; later callers start new flights.
+        The background refresh threads (``stale_ttl``) are closed.
+        """
+        if self._front is not None:
+            self._front.clear()
+
+    def close(self) -> None:
+        """Stop the background refreshes (``stale_ttl``): their tasks are cancelled and their
+        worker threads closed. The Group still works; a later stale value refreshes anew."""
+        if self._front is not None:
+            self._front.close()
 
     # -- async ----------------------------------------------------------------------------
 
@@ -242,13 +199,16 @@ class Group(Generic[V]):
         try:
             head = flights.setdefault(key, flight)
         except TypeError as exc:
-            raise _hash_error(key, exc) from None
-        if head is flight:
+            raise hash_error(key, exc) from None
+        if head is flight:  # we lead: a copy of this branch is in _do_args
             self._leaders += 1
             try:
-                value = await fn(*args, **kwargs)
+                value = await (fn(*args, **kwargs) if kwargs else fn(*args) if args else fn())
             except BaseException as exc:
-                self._land_failed(key, flight, exc)
+                told = misused_do(exc, fn)
+                self._land_failed(key, flight, told)
+                if told is not exc:
+                    raise told from None
                 raise
             if type(value) is Unshared:
                 self._map.land(key, flight, SIGNAL, ALONE)
@@ -288,158 +248,92 @@ class Group(Generic[V]):
             return await self._alone(fn, args, kwargs)
         return value
 
+    @runs_flight
+    async def _do_args(
+        self,
+        key: Hashable,
+        fn: Callable[..., Awaitable[V]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> V:
+        """``do`` for a caller that holds the arguments as a tuple and a dict already (the
+        decorator): the same fast path, without packing them once more. Keep the leader's
+        branch in step with ``do``'s (the decorator's tests run through this one)."""
+        if not self._plain:
+            return (await self._run(key, fn, args, kwargs, None, None))[0]
+        flights = self._flights
+        flight: list[Any] = []
+        try:
+            head = flights.setdefault(key, flight)
+        except TypeError as exc:
+            raise hash_error(key, exc) from None
+        if head is flight:
+            self._leaders += 1
+            try:
+                value = await (fn(*args, **kwargs) if kwargs else fn(*args) if args else fn())
+            except BaseException as exc:
+                told = misused_do(exc, fn)
+                self._land_failed(key, flight, told)
+                if told is not exc:
+                    raise told from None
+                raise
+            if type(value) is Unshared:
+                self._map.land(key, flight, SIGNAL, ALONE)
+                return cast(V, value.value)  # type: ignore[attr-defined]
+            if not flight:
+                del flights[key]  # remove first, then look again (see _oncemap)
+                if not flight:
+                    return value
+                self._map._land_locked(key, flight, VALUE, value, removed=True)
+            else:
+                self._map._land_locked(key, flight, VALUE, value, removed=False)
+            return value
+        return await self._follow(key, fn, args, kwargs, head)
+
+    async def _follow(
+        self,
+        key: Hashable,
+        fn: Callable[..., Awaitable[V]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        head: Flight,
+    ) -> V:
+        """``_do_args``' follower: a copy of ``do``'s follower branch (``head`` owns ``key``)."""
+        loop = _get_running_loop()
+        if loop is None or self._map._next:
+            return (await self._run(key, fn, args, kwargs, head, None))[0]
+        # The follower's fast path (asyncio, nothing forgotten): no lock, no task, no future
+        # of the map's. Register first, then re-check the flight still owns the key (uv #3724).
+        fut = loop.create_future()
+        head.append(fut)
+        if self._flights.get(key) is not head:
+            fut.cancel()  # the flight landed before it could see us: start over
+            return (await self._run(key, fn, args, kwargs, None, None))[0]
+        if is_reentrant(head, depth=3):  # skip this frame and do's (or _do_args')
+            fut.cancel()
+            raise reentrancy_error(key)
+        self._followers += 1
+        value: Any
+        try:
+            value = await fut
+        except BaseException:
+            abandon_future(self._map, key, head, fut)
+            raise
+        if value is LEAD:  # the leader gave up and handed the flight to us
+            self._followers -= 1
+            return (await self._run(key, fn, args, kwargs, None, head))[0]
+        if value is ALONE:
+            self._followers -= 1
+            return await self._alone(fn, args, kwargs)
+        return cast(V, value)
+
     async def do_with_role(
         self, key: Hashable, fn: Callable[..., Awaitable[V]], /, *args: Any, **kwargs: Any
     ) -> tuple[V, Role]:
         """Like ``do``, and also say how the call was served (``"leader"``, ``"follower"``…)."""
         return await self._run(key, fn, args, kwargs, None, None)
 
-    def _land_failed(self, key: Hashable, flight: list[Any], exc: BaseException) -> None:
-        """The leader's run raised: hand the flight over, or share the error."""
-        reelect = getattr(exc, "singleflight_reelect", False)  # sync tier (issue 14)
-        if reelect or isinstance(exc, self._reelect) or _is_cancellation(exc):
-            # Its own cancellation or deadline, or its coroutine closed with its loop: not an
-            # outcome the followers should see. One of them leads the flight from here.
-            self._reelections += 1
-            note_reelection(key, exc)
-            self._map.handover(key, flight)
-        else:
-            self._errors += 1
-            self._map.land(key, flight, ERROR, exc)
-
-    def _cached(self, key: Hashable) -> Any:
-        cache = self._cache
-        if cache is None:
-            return _MISSING
-        try:
-            with self._cache_lock:
-                return cache.get(key, _MISSING)
-        except TypeError as exc:
-            raise _hash_error(key, exc) from None
-
-    def _enter(
-        self, key: Hashable, head: list[Any] | None, make_waiter: Callable[[], Any]
-    ) -> tuple[list[Any], bool, Any] | None:
-        """Lead a new flight of ``key``, or join the one in flight with a new waiter.
-
-        ``head``: what ``setdefault`` already returned, if the caller tried. Returns
-        ``(flight, lead, waiter)``, or None if the flight landed before we could join.
-        """
-        flight: list[Any] = []
-        if head is None:
-            try:
-                head = self._flights.setdefault(key, flight)
-            except TypeError as exc:
-                raise _hash_error(key, exc) from None
-            if head is flight:
-                return flight, True, None
-        waiter = make_waiter()
-        joined, lead = self._map.join(key, head, waiter)
-        return None if joined is None else (joined, lead, waiter)
-
-    def _cached_for_leader(self, key: Hashable, flight: list[Any]) -> Any:
-        """A new leader looks again: a flight may have landed (and cached) since we looked."""
-        value = self._cached(key)
-        if value is not _MISSING:
-            self._cache_hits += 1
-            self._map.land(key, flight, VALUE, value)
-        return value
-
-    def _land_value(
-        self, key: Hashable, flight: list[Any], value: Any, role: Role
-    ) -> tuple[Any, Role]:
-        """The leader's work returned: cache it (if allowed) and hand it to the flight."""
-        if type(value) is Unshared:
-            self._map.land(key, flight, SIGNAL, ALONE)
-            return value.value, role
-        if role != "stale":  # a stale value is served, never kept for longer
-            self._store(key, value)
-        self._map.land(key, flight, VALUE, value)
-        return value, role
-
-    def _store(self, key: Hashable, value: Any) -> None:
-        cache = self._cache
-        if cache is not None and (self._cache_if is None or self._cache_if(value)):
-            with self._cache_lock:
-                cache[key] = value
-
-    async def _alone(
-        self, fn: Callable[..., Awaitable[V]], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> V:
-        """The leader's value was not for sharing: run our own work, outside any flight."""
-        self._leaders += 1
-        value: Any = await fn(*args, **kwargs)
-        return value.value if type(value) is Unshared else value  # type: ignore[no-any-return]
-
-    @runs_flight
-    async def _run(
-        self,
-        key: Hashable,
-        fn: Callable[..., Awaitable[V]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        head: list[Any] | None,
-        owned: list[Any] | None,
-    ) -> tuple[V, Role]:
-        """The whole of a call: cache, flight (leader or follower), tier, hand-over.
-
-        ``head``: the flight ``setdefault`` already returned (we are not its leader);
-        ``owned``: a flight just handed over to us (we lead it).
-        """
-        value: Any
-        if head is None and owned is None:
-            value = self._cached(key)
-            if value is not _MISSING:
-                self._cache_hits += 1
-                return value, "cache"
-        while True:
-            if owned is not None:
-                flight, owned, lead = owned, None, True
-            else:
-                entered = self._enter(key, head, new_waiter)
-                head = None
-                if entered is None:
-                    continue  # the flight landed before we could join: start over
-                flight, lead, waiter = entered
-                if lead and self._cache is not None:
-                    value = self._cached_for_leader(key, flight)
-                    if value is not _MISSING:
-                        return value, "cache"
-            if lead:
-                self._leaders += 1
-                role: Role = "leader"
-                try:
-                    if self._tier is None:
-                        value = await fn(*args, **kwargs)
-                    else:
-                        produce = functools.partial(fn, *args, **kwargs)
-                        value, tier_role = await self._tier.run(
-                            key, produce, self._codec, self._cache_if
-                        )
-                        role = tier_role  # type: ignore[assignment]
-                except BaseException as exc:
-                    self._land_failed(key, flight, exc)
-                    raise
-                return self._land_value(key, flight, value, role)
-            if is_reentrant(flight):
-                if not self._map.leave(flight, waiter) and not isinstance(waiter, _Waiter):
-                    waiter.cancel()
-                raise reentrancy_error(key)
-            self._followers += 1
-            value = await wait_for_outcome(self._map, key, flight, waiter)
-            if value is REELECT:  # the flight ended without a leader: start over
-                self._followers -= 1
-                continue
-            if value is LEAD:
-                self._followers -= 1
-                owned = flight
-                continue
-            if value is ALONE:
-                self._followers -= 1
-                return await self._alone(fn, args, kwargs), "leader"
-            return value, "follower"
-
-    # -- threads ------------------------------------------------------------------------
+    # -- threads (the life of a sync call: _sync.run_sync) ------------------------------------
 
     def do_sync(self, key: Hashable, fn: Callable[..., V], /, *args: Any, **kwargs: Any) -> V:
         """Run ``fn(*args, **kwargs)`` once per ``key`` in flight, from any thread.
@@ -447,13 +341,13 @@ class Group(Generic[V]):
         The leader runs ``fn`` in its own thread; followers block until it lands and get its
         value or exception (``BaseException`` included). Shares flights with ``do``.
         """
-        return self._run_sync(key, fn, args, kwargs)[0]
+        return cast(V, run_sync(self, key, fn, args, kwargs)[0])
 
     def do_sync_with_role(
         self, key: Hashable, fn: Callable[..., V], /, *args: Any, **kwargs: Any
     ) -> tuple[V, Role]:
         """Like ``do_sync``, and also say how the call was served."""
-        return self._run_sync(key, fn, args, kwargs)
+        return run_sync(self, key, fn, args, kwargs)
 
     def do_sync_bounded(
         self,
@@ -469,83 +363,8 @@ class Group(Generic[V]):
         Then it raises ``TimeoutError`` and leaves; the flight goes on without it. A leader's
         own run is not bounded here (bound the work itself).
         """
-        return self._run_sync(key, fn, args, kwargs, timeout)
+        check_timeout(timeout)
+        return run_sync(self, key, fn, args, kwargs, timeout)
 
-    @runs_flight
-    def _run_sync(
-        self,
-        key: Hashable,
-        fn: Callable[..., V],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        timeout: float | None = None,
-    ) -> tuple[V, Role]:
-        value: Any = self._cached(key)
-        if value is not _MISSING:
-            self._cache_hits += 1
-            return value, "cache"
-        owned: list[Any] | None = None
-        while True:
-            if owned is not None:
-                flight, owned, lead = owned, None, True
-            else:
-                entered = self._enter(key, None, _ThreadWaiter)
-                if entered is None:
-                    continue  # the flight landed before we could join: start over
-                flight, lead, waiter = entered
-                if lead and self._cache is not None:
-                    value = self._cached_for_leader(key, flight)
-                    if value is not _MISSING:
-                        return value, "cache"
-            if lead:
-                self._leaders += 1
-                SYNC_LEADERS[0] += 1
-                role: Role = "leader"
-                try:
-                    if self._tier is None:
-                        value = fn(*args, **kwargs)
-                    else:  # sync tier (issue 14)
-                        run = self._tier.run_sync  # sync tier (issue 14)
-                        value, role = run(  # type: ignore[assignment]  # sync tier (issue 14)
-                            key,
-                            functools.partial(fn, *args, **kwargs),
-                            self._codec,
-                            self._cache_if,
-                            timeout,
-                        )  # sync tier (issue 14)
-                except BaseException as exc:
-                    self._land_failed(key, flight, exc)
-                    raise
-                finally:
-                    SYNC_LEADERS[0] -= 1
-                return self._land_value(key, flight, value, role)
-            if is_reentrant(flight, whole_stack=True):
-                self._map.leave(flight, waiter)
-                raise reentrancy_error(key)
-            self._followers += 1
-            try:
-                got = waiter.lock.acquire(timeout=-1 if timeout is None else timeout)
-            except BaseException:  # e.g. KeyboardInterrupt while blocked
-                if not self._map.leave(flight, waiter):
-                    self._map.resign(key, flight, waiter.payload)
-                raise
-            if not got:
-                if self._map.leave(flight, waiter):
-                    raise TimeoutError(
-                        f"waited {timeout} s for the flight of {key!r}; it goes on without us"
-                    )
-                waiter.lock.acquire()  # an outcome is on its way: released right after
-            value = waiter.outcome()
-            if value is REELECT:
-                self._followers -= 1
-                continue
-            if value is LEAD:
-                self._followers -= 1
-                owned = flight
-                continue
-            if value is ALONE:
-                self._followers -= 1
-                self._leaders += 1
-                value = fn(*args, **kwargs)
-                return (value.value if type(value) is Unshared else value), "leader"
-            return value, "follower"
+
+AWAITS.update({Group.do.__code__, Group._do_args.__code__})  # where our own await meets fn's value

@@ -16,263 +16,94 @@ Invariants (they are what makes the lock-free fast path safe):
 * **Atomic landing** (Go CL 436495). Once the key has left the map nobody can join the old
   flight; a caller arriving later starts a new one and never sees a finished result.
 
-Waiters are level-triggered objects created before they are published: an
-``asyncio.Future`` (woken directly on its own loop, through ``call_soon_threadsafe`` from
-anywhere else), a ``_ThreadWaiter`` (a lock acquired in advance and released by the leader)
-or a ``_TrioWaiter``.
+The waiters themselves (futures, threads, trio) live in ``_waiters``; re-entrancy detection
+in ``_reentrancy``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-import sys
 import threading
 from asyncio.events import _get_running_loop
-from collections.abc import Callable, Hashable
-from types import FrameType
-from typing import Any, Final, Generic, TypeAlias, TypeVar, cast
+from collections.abc import Hashable
+from typing import Any, Generic, TypeVar, cast, final
 
-from ._errors import FlightAbandoned, ReentrancyError
+from ._errors import FlightAbandoned
 from ._observe import note_flight
+from ._reentrancy import is_reentrant, reentrancy_error
+from ._waiters import (
+    ALONE,
+    ERROR,
+    FORGOTTEN,
+    LEAD,
+    REELECT,
+    SIGNAL,
+    VALUE,
+    Flight,
+    _offer_lead,
+    _ThreadWaiter,
+    _Waiter,
+    new_waiter,
+    wait_for_outcome,
+    wake,
+)
 
-__all__ = ("OnceMap",)
+__all__ = ("FORGOTTEN", "Lead", "OnceMap")
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-# Outcome kinds a leader hands to its waiters.
-VALUE: Final = 0
-ERROR: Final = 1
-SIGNAL: Final = 2  # payload is REELECT or ALONE
 
-#: The leader gave up (cancelled, or failed on its own deadline): register again, maybe lead.
-REELECT: Final = object()
-#: The leader's result must not be shared: run your own work, outside any flight.
-ALONE: Final = object()
-#: You are the flight's leader now: the previous one gave up (re-election, DESIGN.md).
-LEAD: Final = object()
-#: Appended to a flight by ``forget`` so that its leader takes the locked landing path.
-FORGOTTEN: Final = object()
+@final
+class Lead(Generic[K, V]):
+    """Lead is a leader's hold on the one flight it registered: land it exactly once.
 
-_MISSING: Final = object()
-
-Flight: TypeAlias = "list[Any]"  # waiters, and FORGOTTEN once forgotten
-
-
-class _Waiter:
-    """A waiter that is not an asyncio future. ``settle`` may be called from any thread."""
-
-    __slots__ = ("kind", "payload")
-
-    def __init__(self) -> None:
-        self.kind = SIGNAL
-        self.payload: Any = None
-
-    def settle(self, kind: int, payload: Any) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def wake(self) -> bool:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def outcome(self) -> Any:
-        """Return the delivered value or sentinel, or raise the delivered exception."""
-        if self.kind == ERROR:
-            exc, tb = self.payload
-            # Raise with the leader's traceback so it does not grow with every waiter.
-            raise exc.with_traceback(tb)
-        return self.payload
-
-
-class _ThreadWaiter(_Waiter):
-    """A thread blocked on a lock that it acquired before publishing itself."""
-
-    __slots__ = ("lock",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lock = threading.Lock()
-        self.lock.acquire()
-
-    def settle(self, kind: int, payload: Any) -> None:
-        self.kind = kind
-        self.payload = (payload, payload.__traceback__) if kind == ERROR else payload
-        self.wake()
-
-    def wake(self) -> bool:
-        self.lock.release()  # kind/payload are written before: the waiter reads after acquire
-        return True
-
-
-class _TrioWaiter(_Waiter):
-    """A trio task waiting on a ``trio.Event`` of its own run."""
-
-    __slots__ = ("event", "token")
-
-    def __init__(self) -> None:
-        import trio
-
-        super().__init__()
-        self.event = trio.Event()
-        self.token = trio.lowlevel.current_trio_token()
-
-    def settle(self, kind: int, payload: Any) -> None:
-        self.kind = kind
-        self.payload = (payload, payload.__traceback__) if kind == ERROR else payload
-        self.wake()
-
-    def wake(self) -> bool:
-        try:
-            self.token.run_sync_soon(self.event.set)
-        except Exception:  # the trio run has ended: nobody is waiting any more
-            return False
-        return True
-
-
-def _settle_future(fut: asyncio.Future[Any], kind: int, payload: Any) -> None:
-    if fut.done():  # the waiter was cancelled: its own business
-        return
-    if kind == ERROR:
-        if isinstance(payload, StopIteration):  # futures refuse StopIteration
-            payload = RuntimeError(f"work raised {payload!r}")
-        fut.set_exception(payload)
-    else:
-        fut.set_result(payload)
-
-
-def _offer_lead(
-    fut: asyncio.Future[Any], owner: OnceMap[Any, Any], key: Any, flight: Flight
-) -> None:
-    """On the elected follower's own loop: make it the leader, or pass on if it just left."""
-    if fut.done():
-        owner.handover(key, flight)
-    else:
-        fut.set_result(LEAD)
-
-
-_Future = asyncio.Future
-
-
-def wake(waiters: list[Any], kind: int, payload: Any) -> None:
-    """Deliver one outcome to every waiter, each in its own world (loop, thread, trio run)."""
-    here = _get_running_loop()
-    if kind == ERROR:
-        for w in waiters:
-            _wake_one(w, kind, payload, here)
-        return
-    for w in waiters:
-        # The common case inline: a future of the leader's own loop.
-        if type(w) is _Future and w._loop is here:
-            if not w.done():
-                w.set_result(payload)
-        else:
-            _wake_one(w, kind, payload, here)
-
-
-def _wake_one(w: Any, kind: int, payload: Any, here: asyncio.AbstractEventLoop | None) -> None:
-    if w is FORGOTTEN:
-        return
-    if isinstance(w, _Waiter):
-        w.settle(kind, payload)
-        return
-    loop = w.get_loop()
-    if loop is here:
-        _settle_future(w, kind, payload)
-        return
-    try:
-        loop.call_soon_threadsafe(_settle_future, w, kind, payload)
-    except RuntimeError:  # that loop is closed: its waiter is gone with it
-        pass
-
-
-def new_waiter() -> Any:
-    """A waiter for the current async context: a future on asyncio, an event on trio."""
-    loop = _get_running_loop()
-    if loop is not None:
-        return loop.create_future()
-    return _TrioWaiter()
-
-
-# ids of the code objects of functions that lead flights. Ids, not the code objects: hashing a
-# code object hashes its whole bytecode, which would cost more than the rest of the walk.
-_FLIGHT_CODES: set[int] = set()
-
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def runs_flight(fn: _F) -> _F:
-    """Register a function whose local ``flight`` is the flight it is leading (re-entrancy)."""
-    _FLIGHT_CODES.add(id(fn.__code__))  # the function lives as long as the module
-    return fn
-
-
-#: How many ``do_sync`` leaders run now, in any thread (guarded by the GIL: one-statement
-#: updates). While it is 0, an async follower only needs to walk its own coroutine frames.
-SYNC_LEADERS = [0]
-_CO_ASYNC = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
-
-
-def is_reentrant(flight: Flight, *, whole_stack: bool = False) -> bool:
-    """True if the current call stack is already leading ``flight`` (it would wait on itself).
-
-    Leaders pay nothing for this: only a follower walks its own stack, looking for a frame that
-    leads the very flight it is about to wait on. An async follower stops at the first frame
-    that is not a coroutine (the edge of its task) unless a sync leader is running somewhere.
-    A child task spawned by the work is not on this stack, so it is not caught (documented
-    in how-it-works).
+    ``OnceMap.register`` returns a Lead to the caller that must run the work. ``done``,
+    ``fail`` or ``abandon`` end *this* flight, whatever happened to the key meanwhile (after
+    ``forget`` a key can have several flights; each leader lands its own). A Lead is truthy.
     """
-    frame: FrameType | None = sys._getframe(2)
-    whole_stack = whole_stack or SYNC_LEADERS[0] > 0
-    codes = _FLIGHT_CODES
-    while frame is not None:
-        code = frame.f_code
-        if id(code) in codes and frame.f_locals.get("flight") is flight:
-            return True
-        if not whole_stack and not code.co_flags & _CO_ASYNC:
-            return False
-        frame = frame.f_back
-    return False
 
+    __slots__ = ("_flight", "_map", "key")
 
-def reentrancy_error(key: Hashable) -> ReentrancyError:
-    return ReentrancyError(
-        f"the work for key {key!r} waited on its own key, which would deadlock; "
-        "give the inner call a different key, or call the function directly"
-    )
+    def __init__(self, owner: OnceMap[K, V], key: K, flight: Flight) -> None:
+        self._map = owner
+        self.key = key
+        self._flight = flight
 
+    def __bool__(self) -> bool:
+        return True
 
-async def wait_for_outcome(owner: OnceMap[Any, Any], key: Any, flight: Flight, waiter: Any) -> Any:
-    """Await an async waiter's outcome; a caller that leaves early passes on a lead it got."""
-    if isinstance(waiter, _Waiter):  # trio
-        try:
-            await waiter.event.wait()  # type: ignore[attr-defined]
-        except BaseException:
-            if not owner.leave(flight, waiter):
-                owner.resign(key, flight, waiter.payload)
-            raise
-        return waiter.outcome()
-    try:
-        return await waiter
-    except BaseException:
-        abandon_future(owner, key, flight, waiter)
-        raise
+    def done(self, value: V) -> None:
+        """Publish ``value`` to this flight's waiters and end it."""
+        self._map._land_lead(self.key, self._flight, VALUE, value)
 
+    def fail(self, exc: BaseException) -> None:
+        """Publish ``exc`` to this flight's waiters and end it."""
+        self._map._land_lead(self.key, self._flight, ERROR, exc)
 
-def abandon_future(owner: OnceMap[Any, Any], key: Any, flight: Flight, fut: Any) -> None:
-    """A follower whose future may hold an outcome is leaving: pass on a lead, mark seen."""
-    if fut.done() and not fut.cancelled() and fut.exception() is None:
-        owner.resign(key, flight, fut.result())
+    def abandon(self) -> None:
+        """End this flight without a result; its waiters get ``FlightAbandoned``."""
+        self._map._land_lead(self.key, self._flight, SIGNAL, REELECT)
+
+    def __repr__(self) -> str:
+        return f"<Lead of {self.key!r}>"
 
 
 class OnceMap(Generic[K, V]):
     """OnceMap is the in-flight map: one flight per key, and every waiter gets its outcome.
 
-    The protocol (uv's ``uv-once-map``): ``register(key)`` returns True to exactly one
-    caller, the leader, who must then call ``done``, ``fail`` or ``abandon``; everyone else
-    calls ``await wait(key)`` or ``wait_blocking(key)`` and gets the leader's value or
-    exception. Thread-safe; waiters may live on any event loop or thread. A key leaves the map
-    as its flight lands: nothing is memoised.
+    The protocol (uv's ``uv-once-map``), the whole interface:
+
+    * ``lead = register(key)``: a ``Lead`` for exactly one caller, the leader (None for the
+      others). The leader runs the work and ends *its* flight with ``lead.done(value)``,
+      ``lead.fail(exc)`` or ``lead.abandon()``, or its waiters wait forever (as in uv).
+    * ``await wait(key)`` / ``wait_blocking(key, timeout)``: follow the flight of ``key`` and
+      get the leader's value or exception (``FlightAbandoned`` if it gave up).
+    * ``forget(key)``: later callers start a new flight; current waiters keep the old one.
+    * ``done(key, v)`` / ``fail(key, e)`` / ``abandon(key)``: shorthands that land the key's
+      only flight (a ``ValueError`` if ``forget`` left it more than one: use the Lead).
+
+    Thread-safe; waiters may live on any event loop (asyncio or trio) or thread. A key leaves
+    the map as its flight lands: nothing is memoised.
     """
 
     __slots__ = ("_flights", "_lock", "_next", "_registered")
@@ -282,7 +113,8 @@ class OnceMap(Generic[K, V]):
         self._lock = threading.Lock()  # guards joins, forget, _next and locked landings
         # id(forgotten flight) -> the flight that new callers use instead (None: none yet).
         self._next: dict[int, Flight | None] = {}  # guarded by self._lock
-        # Flights led through register(), oldest first, per key (guarded by self._lock).
+        # Flights led through register() and not landed yet, oldest first, per key (guarded
+        # by self._lock): what the keyed shorthands (done(key, v)...) land.
         self._registered: dict[Any, list[Flight]] = {}
 
     def __len__(self) -> int:
@@ -294,11 +126,11 @@ class OnceMap(Generic[K, V]):
 
     # -- the protocol ------------------------------------------------------------------
 
-    def register(self, key: K) -> bool:
-        """Register ``key``; return True if the caller is now its leader.
+    def register(self, key: K) -> Lead[K, V] | None:
+        """Register ``key``; return a ``Lead`` if the caller is now its leader, else None.
 
-        The leader must end the flight with ``done``, ``fail`` or ``abandon``, or its
-        waiters wait forever (as in uv).
+        The leader must end the flight with ``lead.done``, ``lead.fail`` or ``lead.abandon``,
+        or its waiters wait forever (as in uv).
         """
         while True:
             flight: Flight = []
@@ -306,24 +138,25 @@ class OnceMap(Generic[K, V]):
             if head is flight:
                 with self._lock:
                     self._registered.setdefault(key, []).append(flight)
-                return True
+                return Lead(self, key, flight)
             joined, lead = self.join(key, head, None)
             if joined is not None:
-                if lead:
-                    with self._lock:
-                        self._registered.setdefault(key, []).append(joined)
-                return lead
+                if not lead:
+                    return None
+                with self._lock:
+                    self._registered.setdefault(key, []).append(joined)
+                return Lead(self, key, joined)
 
     def done(self, key: K, value: V) -> None:
-        """Publish ``value`` to every waiter of ``key`` and end its flight."""
+        """Publish ``value`` to the waiters of ``key``'s only flight and end it."""
         self.land(key, self._take(key), VALUE, value)
 
     def fail(self, key: K, exc: BaseException) -> None:
-        """Publish ``exc`` to every waiter of ``key`` and end its flight."""
+        """Publish ``exc`` to the waiters of ``key``'s only flight and end it."""
         self.land(key, self._take(key), ERROR, exc)
 
     def abandon(self, key: K) -> None:
-        """End the flight without a result; its waiters get ``FlightAbandoned``."""
+        """End ``key``'s only flight without a result; its waiters get ``FlightAbandoned``."""
         self.land(key, self._take(key), SIGNAL, REELECT)
 
     async def wait(self, key: K) -> V:
@@ -392,15 +225,32 @@ class OnceMap(Generic[K, V]):
     # -- the machinery the Group shares --------------------------------------------------
 
     def _take(self, key: K) -> Flight:
-        """The oldest flight of ``key`` led through ``register()`` that has not landed."""
+        """The one flight of ``key`` led through ``register()`` that has not landed."""
         with self._lock:
             flights = self._registered.get(key)
             if not flights:
                 raise KeyError(f"{key!r} was not registered by this map's register()")
-            flight = flights.pop(0)
-            if not flights:
-                del self._registered[key]
-            return flight
+            if len(flights) > 1:
+                raise ValueError(
+                    f"{key!r} has {len(flights)} flights (forget() started a new one): land "
+                    "each through the Lead its register() returned (lead.done(value))"
+                )
+            del self._registered[key]
+            return flights[0]
+
+    def _land_lead(self, key: Any, flight: Flight, kind: int, payload: Any) -> None:
+        """A Lead lands its own flight (once: a second landing is a RuntimeError)."""
+        with self._lock:
+            flights = self._registered.get(key)
+            for i, f in enumerate(flights or ()):
+                if f is flight:
+                    del flights[i]  # type: ignore[union-attr]
+                    if not flights:
+                        del self._registered[key]
+                    break
+            else:
+                raise RuntimeError(f"the flight of {key!r} has landed already")
+        self.land(key, flight, kind, payload)
 
     def join(
         self, key: Any, head: Flight, waiter: Any, *, follow_only: bool = False

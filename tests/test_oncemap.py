@@ -43,9 +43,9 @@ def _blocking_waiters(m: OnceMap[str, object], key: str, n: int, **kw: float) ->
 
 def test_register_makes_only_the_first_caller_leader() -> None:
     m: OnceMap[str, int] = OnceMap()
-    assert m.register("k") is True
-    assert m.register("k") is False
-    assert m.register("other") is True
+    assert m.register("k") is not None
+    assert m.register("k") is None
+    assert m.register("other") is not None
     assert len(m) == 2 and "k" in m
     m.done("k", 1)
     m.done("other", 2)
@@ -57,7 +57,7 @@ def test_register_after_done_leads_a_new_flight_nothing_is_memoised() -> None:
     assert m.register("k")
     m.done("k", 1)
     assert "k" not in m
-    assert m.register("k") is True
+    assert m.register("k") is not None
     m.done("k", 2)
     assert_idle(m)
 
@@ -108,7 +108,7 @@ async def test_abandon_makes_waiters_raise_flight_abandoned_and_register_again()
     assert "register" in str(results[0])
     assert_idle(m)
     # The way out the error names: register again, and lead.
-    assert m.register("k") is True
+    assert m.register("k") is not None
     m.done("k", "second try")
     assert_idle(m)
 
@@ -257,23 +257,71 @@ def test_forget_lets_a_new_leader_register_while_old_waiters_keep_the_old_flight
     """Go TestForget on the raw protocol: two flights of one key, each landing its own waiters.
 
     The old leader finishes first (as in Go's TestForget): its waiters get its value, the new
-    flight's waiter gets the new value, both ``done`` calls succeed and the map ends empty.
+    flight's waiter gets the new value, each Lead lands its own flight and the map ends empty.
     """
     m: OnceMap[str, object] = OnceMap()
-    assert m.register("k")
+    old_lead = m.register("k")
+    assert old_lead
     old_waiters = _blocking_waiters(m, "k", 2, timeout=2.0)
     m.forget("k")
-    assert m.register("k") is True, "after forget, the next caller must lead a new flight"
+    new_lead = m.register("k")
+    assert new_lead is not None, "after forget, the next caller must lead a new flight"
     new_waiter = start(m.wait_blocking, "k", timeout=2.0)
     wait_until(lambda: all_waiters(m) == 3, "the new waiter joined the new flight")
-    old_value, new_value = "old", "new"
-    errors = []
-    for value in (old_value, new_value):  # the first leader lands first
-        try:
-            m.done("k", value)
-        except KeyError as exc:
-            errors.append(repr(exc))
+    old_lead.done("old")  # the first leader lands first
+    new_lead.done("new")
     finish_all([*old_waiters, new_waiter], timeout=2 * TIMEOUT)
     outcomes = [c.result if c.exception is None else c.exception for c in old_waiters]
-    assert (outcomes, new_waiter.result, errors) == ([old_value, old_value], new_value, [])
+    assert (outcomes, new_waiter.result) == (["old", "old"], "new")
+    assert_idle(m)
+
+
+@pytest.mark.parametrize("order", ["newer_lands_first", "older_lands_first"])
+async def test_each_lead_lands_its_own_flight_after_forget(order: str) -> None:
+    """Issue 10: ``register; wait(a); forget; register; wait(b); done("B"); done("A")`` gave
+    a="B", b="A" (``done`` ended the oldest flight). Each Lead lands the flight it leads."""
+    m: OnceMap[str, str] = OnceMap()
+    lead_a = m.register("k")
+    assert lead_a is not None
+    a = await _joined_task(m, "k")  # type: ignore[arg-type]
+    m.forget("k")
+    lead_b = m.register("k")
+    assert lead_b is not None and lead_b is not lead_a
+    b = await _joined_task(m, "k")  # type: ignore[arg-type]
+    if order == "newer_lands_first":
+        lead_b.done("B")
+        lead_a.done("A")
+    else:
+        lead_a.done("A")
+        lead_b.done("B")
+    async with asyncio.timeout(TIMEOUT):
+        assert (await a, await b) == ("A", "B")
+    assert_idle(m)
+
+
+def test_keyed_done_refuses_a_key_with_two_flights_and_names_the_lead() -> None:
+    """The keyed shorthand cannot know whose flight it lands once forget made two: it says
+    so (naming the way out) instead of landing the wrong one; each Lead still lands its own."""
+    m: OnceMap[str, str] = OnceMap()
+    lead_a = m.register("k")
+    m.forget("k")
+    lead_b = m.register("k")
+    assert lead_a is not None and lead_b is not None
+    with pytest.raises(ValueError, match=r"2 flights.*Lead.*lead\.done"):
+        m.done("k", "?")
+    lead_b.fail(RuntimeError("b"))
+    m.done("k", "A")  # one flight left: the shorthand is unambiguous again
+    assert_idle(m)
+
+
+def test_a_lead_lands_once() -> None:
+    m: OnceMap[str, int] = OnceMap()
+    lead = m.register("k")
+    assert lead is not None and lead.key == "k" and "k" in repr(lead)
+    lead.done(1)
+    for land in (lambda: lead.done(2), lambda: lead.fail(RuntimeError()), lead.abandon):
+        with pytest.raises(RuntimeError, match="landed already"):
+            land()
+    with pytest.raises(KeyError, match="not registered"):
+        m.done("k", 3)
     assert_idle(m)

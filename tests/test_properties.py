@@ -513,8 +513,8 @@ class GroupModel(RuleBasedStateMachine):
             flight.runner.expect = [("value", run.value, "leader")]
             for w in flight.waiters:
                 w.expect = [("value", run.value, "follower")]
-            if self.cache is not None:
-                self.cache[flight.key] = run.value
+            if self.cache is not None and not flight.forgotten:
+                self.cache[flight.key] = run.value  # a forgotten flight never stores (#10)
         else:
             exc = run.error if how == "error" else run.bail
             for c in (flight.runner, *flight.waiters):
@@ -534,9 +534,12 @@ class GroupModel(RuleBasedStateMachine):
         raise AssertionError(f"{call} is in no flight of the model")
 
     def _predict_forget(self, key: str) -> None:
+        """Later callers start afresh: the flight is marked, and its cached value dropped."""
         flight = self.current.pop(key, None)
         if flight is not None:
             flight.forgotten = True
+        if self.cache is not None:
+            self.cache.pop(key, None)
 
     def _live_async(self, timed_only: bool = False) -> list[Call]:
         members = [c for f in self.flights for c in (f.runner, *f.waiters)]
@@ -1008,14 +1011,17 @@ class CachedGroupModel(GroupModel):
     @rule(key=KEYS)
     @_guarded
     def cache_pop(self, key: str) -> None:
+        """async-lru's cache_invalidate: the same as forget (the flight will not store)."""
         self.world.group.cache_pop(key)
-        assert self.cache is not None
-        self.cache.pop(key, None)
+        self._predict_forget(key)
 
     @rule()
     @_guarded
     def cache_clear(self) -> None:
+        """Every flight in progress is forgotten, and the cache emptied."""
         self.world.group.cache_clear()
+        for key in list(self.current):
+            self._predict_forget(key)
         assert self.cache is not None
         self.cache.clear()
 
