@@ -400,15 +400,13 @@ def test_a_sync_refresh_stuck_upstream_does_not_keep_the_process_alive() -> None
         "g._front._timer = lambda: now[0]\n"
         "assert g.do_sync('k', lambda: 'v1') == 'v1'\n"
         "now[0] = 15.0\n"
-        "hang = threading.Event()\n"
+        "hang, entered = threading.Event(), threading.Event()\n"
         "def stuck():\n"
         "    sys.stdout.write('refreshing\\n')\n"
+        "    entered.set()\n"
         "    hang.wait()\n"
         "sys.stdout.write(repr(g.do_sync_with_role('k', stuck)) + '\\n')\n"
-        "import time\n"
-        "deadline = time.monotonic() + 10\n"
-        "while g.in_flight == 0 and time.monotonic() < deadline:\n"
-        "    time.sleep(0.01)\n"
+        "assert entered.wait(10)\n"
         "sys.stdout.write(f'exiting {g.in_flight}\\n')\n"
     )
     proc = subprocess.run(
