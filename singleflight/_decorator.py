@@ -365,8 +365,14 @@ def singleflight(
                 "the items instead (e.g. a list)"
             )
         check = getattr(tier, "require", None)  # sync tier (issue 14)
-        if check is not None:  # sync tier (issue 14)
+        if check is not None:  # the tier says which work it serves, naming the client to pass
             check(_is_async(f), f"@singleflight {f.__qualname__}")
+        elif tier is not None and not _is_async(f) and not hasattr(tier, "run_sync"):
+            raise TypeError(
+                f"@singleflight(tier=...) on sync {f.__qualname__} needs an async function or "
+                "a tier with run_sync(); this one serves async work only: make the function "
+                "async or drop tier="
+            )
         if ignore_self and not _signature(f).parameters:
             raise TypeError(
                 f"@singleflight(ignore_self=True) leaves the first argument out of the key, "
