@@ -122,7 +122,8 @@ def test_cluster_master_killed_mid_run(
 def _failover(
     cluster: RedisCluster, upstream: LoopbackUpstream, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    keys, duration = 6, 10.0
+    # Long enough for promotion (~4 s) plus the tier's back-off (1, 2, 4 s) even under load.
+    keys, duration = 6, 15.0
     url = f"{upstream.url}/fo?delay=0.1"
     args = ("--cluster", "--url", url, "--requests", "12", "--keys", str(keys))
     args += ("--duration", str(duration), "--lease-ttl", "2", "--poll-max", "0.3")
