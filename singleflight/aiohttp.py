@@ -5,26 +5,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-import sys
 import weakref
 from collections.abc import Callable, Collection, Hashable, Iterable, MutableMapping
-from typing import Any, Final, cast
+from typing import Any, Final
 
 try:
-    from aiohttp import ClientRequest, ClientResponse, SocketTimeoutError, hdrs
+    from aiohttp import ClientRequest, ClientResponse, SocketTimeoutError
     from aiohttp.client_middlewares import ClientHandlerType
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "singleflight.aiohttp needs aiohttp >= 3.12 (client middlewares): "
-        "pip install singleflight-http[aiohttp]"
+        'pip install "singleflight-http[aiohttp]"'
     ) from exc
 
-from singleflight._aiohttp import (
+from singleflight._aiohttp_request import Settings, has_body, route, settings
+from singleflight._aiohttp_response import (
     fresh_error,
-    has_body,
-    read_at_most,
     respond as _respond,  # benchmarks/bench_aiohttp.py uses it
-    sock_read,
+    share,
 )
 from singleflight._errors import ReentrancyError
 from singleflight._group import Group, Stats, Unshared
@@ -37,7 +35,6 @@ from singleflight._http import (
     Snapshot,
     bypass_reason,
     progress_of,
-    unshareable_reason,
 )
 from singleflight._observe import note_call
 
@@ -70,7 +67,9 @@ class SingleflightMiddleware:
     Keys, bypass rules and what may be shared or cached are ``singleflight._http``'s, the same as
     the httpx transport's (docs/aiohttp.md): credentials separate callers, requests with a body
     pass through, a response with ``Set-Cookie``, an event stream or a body above
-    ``max_body_size`` goes to its leader only. The session's ``auto_decompress`` is in the key.
+    ``max_body_size`` goes to its leader only. The route (connector, ``ssl=``,
+    ``server_hostname``, proxy) and the read settings (``auto_decompress``, ``read_until_eof``,
+    the parser's limits) are in the key too (``singleflight._aiohttp_request``).
     aiohttp calls a middleware once per redirect hop and per retry: each hop coalesces on its own.
     The leader's own timeout or cancellation re-elects a waiting caller; other errors and every
     status reach all the callers of the flight, and are never cached.
@@ -89,6 +88,19 @@ class SingleflightMiddleware:
     """
 
     __slots__ = ("_bypasses", "_group", "_judge_cacheable", "_options")
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SingleflightMiddleware:
+        # Every option is keyword-only, so positional arguments mean aiohttp is calling the
+        # class itself as a middleware, with (request, handler): it was given the class.
+        if args:
+            raise TypeError(
+                "SingleflightMiddleware was called with positional arguments "
+                f"({', '.join(type(a).__name__ for a in args)}): if the session was given the "
+                "class itself, pass an instance instead: "
+                "aiohttp.ClientSession(middlewares=(SingleflightMiddleware(),)); "
+                "its options are keyword-only, e.g. SingleflightMiddleware(ttl=5.0)"
+            )
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -139,7 +151,8 @@ class SingleflightMiddleware:
 
     async def __call__(self, req: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         """Serve ``req``: lead its flight, follow one, hit the cache, or pass straight through."""
-        key, reason = self._key_or_reason(req)
+        how = settings(req)
+        key, reason = self._key_or_reason(req, how)
         if key is None:
             return await self._bypass(reason, req, handler)
         own: ClientResponse | None = None  # the response of our own upstream call, if we made one
@@ -154,14 +167,28 @@ class SingleflightMiddleware:
                 deadline.deadline = math.inf
             progress = progress_of(self._group, key)
             progress.start()
-            own = resp = await handler(req)
-            progress.advance()  # followers see the request is not silent: headers,
-            progress.follow(resp.content)  # then every byte the connection feeds the body
-            return await self._share(req, resp)
+            try:
+                own = resp = await handler(req)
+                progress.advance()  # followers see the request is not silent: headers,
+                progress.follow(resp.content)  # then every byte the connection feeds the body
+                return await share(
+                    req,
+                    resp,
+                    max_body_size=self._options.max_body_size,
+                    decoded=how.auto_decompress,
+                    bufsize=how.read_bufsize,
+                    judge_cacheable=self._judge_cacheable,
+                )
+            except Exception as exc:
+                if _session_gone(req):
+                    # Our own session closed under the flight: like a cancelled leader, a
+                    # waiting caller (another session's) takes the flight over.
+                    raise _LeaderGone(exc) from exc
+                raise
 
         # A follower waits until the shared request is silent for its own sock_read: that request
         # runs on the leader's timeouts, and each re-elected leader's would add up otherwise.
-        budget = sock_read() if key in self._group else None
+        budget = how.sock_read if key in self._group else None
         try:
             if budget is None:
                 value, role = await self._group.do_with_role(key, fetch)
@@ -181,6 +208,10 @@ class SingleflightMiddleware:
                     deadline.deadline = math.inf
         except ReentrancyError:  # sent from inside its own flight: waiting would deadlock
             return await self._bypass("reentrant", req, handler)
+        except _LeaderGone as gone:  # ours; or a given group= that does not re-elect on it
+            note_call("leader" if ran else "follower", what="request")
+            error = gone.error if ran else fresh_error(gone.error, req)
+            raise error from gone.error.__cause__
         except BaseException as exc:
             note_call("leader" if ran else "follower", what="request")
             fresh = exc if ran or exc is mine else fresh_error(exc, req)
@@ -190,7 +221,7 @@ class SingleflightMiddleware:
         note_call(role, what="request")
         # The caller that made the upstream request keeps aiohttp's own response (traces,
         # connection bookkeeping and all); everyone else gets a copy built from the Snapshot.
-        resp = own if own is not None else _respond(req, value)
+        resp = own if own is not None else _respond(req, value, how.read_bufsize)
         _served[resp] = role
         return resp
 
@@ -202,9 +233,9 @@ class SingleflightMiddleware:
         return await handler(req)
 
     def _key(self, req: ClientRequest) -> Hashable | None:
-        return self._key_or_reason(req)[0]
+        return self._key_or_reason(req, settings(req))[0]
 
-    def _key_or_reason(self, req: ClientRequest) -> tuple[Hashable | None, str]:
+    def _key_or_reason(self, req: ClientRequest, how: Settings) -> tuple[Hashable | None, str]:
         """``(key, "")`` to coalesce ``req``, or ``(None, why)`` to let it through."""
         options = self._options
         method = req.method
@@ -212,9 +243,16 @@ class SingleflightMiddleware:
         reason = bypass_reason(method, headers, methods=options.methods, has_body=has_body(req))
         if reason is not None:
             return None, reason
-        # aiohttp decodes Content-Encoding in its parser when the session says so: a decoded
-        # body must never reach a session that expects raw bytes, nor the reverse.
-        extra = _DECODED if req.session.auto_decompress else _RAW
+        if _session_gone(req):  # aiohttp retrying after its session closed: fail as plain
+            return None, "closed"
+        # aiohttp decodes Content-Encoding in its parser when the request says so: a decoded
+        # body must never reach a caller that expects raw bytes, nor the reverse. The route
+        # (connector, TLS, proxy, version, parser limits) separates callers the server would
+        # tell apart, or whose checks differ (see _aiohttp_request).
+        extra: tuple[Hashable, ...] = _DECODED if how.auto_decompress else _RAW
+        facts = route(req, how.limits, how.read_until_eof)
+        if facts:
+            extra += facts
         url = req.url
         if url.raw_user or url.raw_password:  # the session moves these to Authorization first
             key = options.key_for(req, method, str(url), headers, extra)
@@ -227,29 +265,22 @@ class SingleflightMiddleware:
             key = options.key_for(req, method, text, headers, extra, userinfo="")
         return (None, "key") if key is None else (key, "")
 
-    async def _share(
-        self, req: ClientRequest, resp: ClientResponse
-    ) -> Snapshot | Unshared[ClientResponse]:
-        """Buffer the leader's response into a Snapshot, or keep it for the leader alone."""
-        # A HEAD (or 204/304) response has no body, whatever its Content-Length announces.
-        bodyless = req.method == hdrs.METH_HEAD or resp.status in (204, 304)
-        limit = sys.maxsize if bodyless else self._options.max_body_size
-        if unshareable_reason(resp.raw_headers, max_body_size=limit):
-            return Unshared(resp)  # Set-Cookie, event stream, too large: untouched, unread
-        decoded = req.session.auto_decompress and hdrs.CONTENT_ENCODING in resp.headers
-        if bodyless or (resp.content_length is not None and not decoded):
-            body = await resp.read()  # bounded: unshareable_reason checked Content-Length
-        else:
-            body_or_none = await read_at_most(resp, self._options.max_body_size)
-            if body_or_none is None:
-                return Unshared(resp)  # grew past max_body_size: the rest streams to the leader
-            body = body_or_none
-        version = resp.version
-        http_version = f"HTTP/{version.major}.{version.minor}" if version else "HTTP/1.1"
-        parts = (resp.status, resp.reason or "", http_version, resp.raw_headers, body)
-        if not self._judge_cacheable:
-            return Snapshot(*parts)
-        return Snapshot.build(*parts, request_headers=cast(Any, req.headers.items()))
+
+class _LeaderGone(asyncio.TimeoutError):
+    """The leader's own session closed mid-flight: its error is its own, not the flight's.
+
+    A subclass of ``asyncio.TimeoutError`` because that is what the middleware's Group
+    re-elects on (``reelect_on``), like a leader's own timeout; the leader re-raises ``error``.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _session_gone(req: ClientRequest) -> bool:
+    session = req.session
+    return session.closed or session.connector is None
 
 
 _DECODED: Final = ("decoded",)  # the key's ``extra``: see RequestKey

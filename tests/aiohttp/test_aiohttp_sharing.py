@@ -7,6 +7,7 @@ import socket
 
 import aiohttp
 import pytest
+from _aiohttp_servers import RawUpstream, serve_raw
 from _aiohttp_support import bounded, joined
 
 from singleflight.aiohttp import SingleflightMiddleware, served
@@ -166,3 +167,23 @@ async def test_head_of_a_large_resource_is_still_shared(upstream, make_session):
     assert upstream.hits("/large-head") == 1
     for r in responses:
         assert r.headers["Content-Length"] == "5000" and await r.read() == b""
+
+
+async def test_a_1xx_response_is_never_shared():
+    # 101 Switching Protocols to a plain GET: the response belongs to its own connection.
+    raw = RawUpstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: chat\r\nConnection: Upgrade\r\n\r\n",
+        gated=True,
+    )
+    mw = SingleflightMiddleware()
+    async with serve_raw(raw) as base, aiohttp.ClientSession(middlewares=(mw,)) as s:
+        first = asyncio.create_task(s.get(base + "/ws"))
+        await bounded(raw.arrived.wait())
+        second = asyncio.create_task(s.get(base + "/ws"))
+        await joined(mw, 1)
+        raw.gate.set()
+        responses = await bounded(asyncio.gather(first, second))
+        assert [(r.status, served(r)) for r in responses] == [(101, "leader"), (101, "leader")]
+        for r in responses:
+            r.close()
+    assert raw.hits == 2  # the follower made its own request

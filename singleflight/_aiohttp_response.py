@@ -1,8 +1,8 @@
-"""Internals of singleflight.aiohttp: the parts that know aiohttp's private state.
+"""aiohttp responses to and from Snapshots: buffer the leader's, build every other caller's.
 
-The one place that reads ``ClientSession._request``'s locals (a request's timeouts) and writes
-``ClientResponse``'s private attributes (a follower's copy). ``scripts/aiohttp_matrix.sh`` runs
-the aiohttp tests against 3.12, 3.13 and 3.14, so a change in aiohttp is caught in CI.
+The one place that writes ``ClientResponse``'s private attributes (a follower's copy, the
+leader's refilled reader). ``scripts/aiohttp_matrix.sh`` runs the aiohttp tests against 3.12,
+3.13 and 3.14, so a change in aiohttp is caught in CI.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import asyncio
 import copy
 import sys
 import warnings
-from types import FrameType
 from typing import Any, Final, TypeVar, cast
 
 from aiohttp import (
@@ -19,7 +18,6 @@ from aiohttp import (
     ClientRequest,
     ClientResponse,
     ClientResponseError,
-    ClientSession,
     hdrs,
 )
 from aiohttp.helpers import TimerNoop
@@ -27,34 +25,12 @@ from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from singleflight._http import Snapshot
+from singleflight._group import Unshared
+from singleflight._http import Snapshot, unshareable_reason
 
 __all__ = ()
 
 _E = TypeVar("_E", bound=BaseException)
-
-
-def sock_read() -> float | None:
-    """The ``sock_read`` timeout of the request being sent, or None (none, or not found).
-
-    aiohttp does not hand a request's timeouts to middlewares: ``ClientSession._request`` keeps
-    them in its local ``real_timeout`` (3.12 to 3.14), and every middleware runs a few frames
-    below it, so that is where this reads them. Found nowhere (the middleware called some other
-    way), a follower is bounded by its ``total`` timeout alone, which aiohttp enforces itself.
-    """
-    frame: FrameType | None = sys._getframe(2)
-    for _ in range(_FRAMES):
-        if frame is None:
-            return None
-        if frame.f_code is _SESSION_REQUEST:
-            read = getattr(frame.f_locals.get("real_timeout"), "sock_read", None)
-            return float(read) if isinstance(read, (int, float)) and read > 0 else None
-        frame = frame.f_back
-    return None
-
-
-_SESSION_REQUEST: Final = getattr(ClientSession._request, "__code__", None)
-_FRAMES: Final = 16  # middlewares between ours and ClientSession._request, at most
 
 
 def fresh_error(exc: _E, req: ClientRequest) -> _E:
@@ -73,13 +49,6 @@ def fresh_error(exc: _E, req: ClientRequest) -> _E:
     if isinstance(new, ClientResponseError):
         new.request_info = req.request_info
     return new
-
-
-def has_body(req: ClientRequest) -> bool:
-    body = req.body  # b"" when there is none, else an aiohttp Payload
-    if isinstance(body, bytes):
-        return bool(body)
-    return getattr(body, "size", None) != 0  # size None: a stream of unknown length
 
 
 async def read_at_most(resp: ClientResponse, limit: int) -> bytes | None:
@@ -113,6 +82,45 @@ async def read_at_most(resp: ClientResponse, limit: int) -> bytes | None:
         raise
 
 
+async def share(
+    req: ClientRequest,
+    resp: ClientResponse,
+    *,
+    max_body_size: int,
+    decoded: bool,
+    bufsize: int,
+    judge_cacheable: bool,
+) -> Snapshot | Unshared[ClientResponse]:
+    """Buffer the leader's response into a Snapshot, or keep it for the leader alone.
+
+    ``decoded``: aiohttp's parser decodes Content-Encoding for this request, so Content-Length
+    does not bound the body read. The leader keeps its own response, whose reader is refilled
+    with the body (``content.read()``, ``iter_chunked()``... work as for any caller).
+    """
+    if resp.status < 200:
+        # A 1xx (101 Switching Protocols) belongs to its connection: never shared.
+        return Unshared(resp)
+    # A HEAD (or 204/304) response has no body, whatever its Content-Length announces.
+    bodyless = req.method == hdrs.METH_HEAD or resp.status in (204, 304)
+    limit = sys.maxsize if bodyless else max_body_size
+    if unshareable_reason(resp.raw_headers, max_body_size=limit):
+        return Unshared(resp)  # Set-Cookie, event stream, too large: untouched, unread
+    if bodyless or (resp.content_length is not None and not decoded):
+        body = await resp.read()  # bounded: unshareable_reason checked Content-Length
+    else:
+        body_or_none = await read_at_most(resp, max_body_size)
+        if body_or_none is None:
+            return Unshared(resp)  # grew past max_body_size: the rest streams to the leader
+        body = body_or_none
+    resp.content = _fed(body, bufsize, asyncio.get_running_loop())
+    version = resp.version
+    http_version = f"HTTP/{version.major}.{version.minor}" if version else "HTTP/1.1"
+    parts = (resp.status, resp.reason or "", http_version, resp.raw_headers, body)
+    if not judge_cacheable:
+        return Snapshot(*parts)
+    return Snapshot.build(*parts, request_headers=cast(Any, req.headers.items()))
+
+
 class _FedOnce:
     """Stands in for a connection's protocol under a StreamReader fed once: nothing to pause.
 
@@ -139,7 +147,18 @@ _VERSIONS: Final = {
 }
 
 
-def respond(req: ClientRequest, snap: Snapshot) -> ClientResponse:
+def _fed(body: bytes, bufsize: int, loop: asyncio.AbstractEventLoop) -> StreamReader:
+    """A fresh reader holding the whole of ``body``, with the caller's ``read_bufsize`` limit
+    (readline's "Chunk too big" comes at the same length as plain). One per response:
+    release() sets an exception on it."""
+    content = StreamReader(cast(Any, _NO_FLOW_CONTROL), bufsize, loop=loop)
+    if body:
+        content.feed_data(body)
+    content.feed_eof()
+    return content
+
+
+def respond(req: ClientRequest, snap: Snapshot, bufsize: int = 2**16) -> ClientResponse:
     """Build the caller's own complete ``ClientResponse`` for ``snap``, bound to ``req``.
 
     ``ClientResponse(...)`` is never called: its constructor is internal and changed in 3.14 (a
@@ -180,11 +199,7 @@ def respond(req: ClientRequest, snap: Snapshot) -> ClientResponse:
     )
     cookies = resp._headers.getall(hdrs.SET_COOKIE, ())
     resp._raw_cookie_headers = tuple(cookies) if cookies else None
-    # A fresh reader per response: release() sets an exception on it.
-    content = StreamReader(cast(Any, _NO_FLOW_CONTROL), 2**16, loop=loop)
-    content.feed_data(snap.body)
-    content.feed_eof()
-    resp.content = content
+    resp.content = _fed(snap.body, bufsize, loop)
     resp._body = snap.body
     resp._connection = None
     resp._closed = True  # body complete, no connection: nothing for __del__ to warn about
