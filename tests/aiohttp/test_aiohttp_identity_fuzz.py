@@ -23,6 +23,7 @@ import pytest
 from _aiohttp_servers import WebUpstream, serve
 from _aiohttp_support import bounded, wait_until
 from _aiohttp_tls import make_pki
+from aiohttp.client_reqrep import ConnectionKey
 
 from singleflight.aiohttp import SingleflightMiddleware, served
 
@@ -32,6 +33,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
+SNI_IN_POOL_KEY = "server_hostname" in ConnectionKey._fields
 ROUNDS = 12
 BURST = 10
 
@@ -56,7 +58,11 @@ def _identities(pki: Any, pin: bytes) -> dict[str, dict[str, Any]]:
         "wrong-sni": {
             "target": "tls",
             "kw": {"ssl": alice, "server_hostname": "wrong.example"},
-            "fails": True,
+            "cert": "alice",
+            # aiohttp < 3.14 leaves server_hostname out of its pool's ConnectionKey, so plain
+            # aiohttp sends it on a pooled connection that alice's request verified: then it
+            # succeeds, with its own request.
+            "fails": True if SNI_IN_POOL_KEY else "unless-pooled",
         },
         "direct": {"target": "plain", "kw": {}, "via": "direct"},
         "proxy-a": {"target": "plain", "kw": {"proxy": "a"}, "via": "a"},
@@ -79,6 +85,10 @@ def _identities(pki: Any, pin: bytes) -> dict[str, dict[str, Any]]:
             "via": "a",
         },
     }
+
+
+def _failed(result: object) -> bool:
+    return isinstance(result, BaseException)
 
 
 @pytest.mark.parametrize("ttl", [None, 60.0])
@@ -116,8 +126,14 @@ async def test_no_caller_ever_gets_another_identitys_response(ttl):
             path, gate = f"/r{round_}", f"g{round_}"
             callers = [rng.choice(sorted(ids)) for _ in range(BURST)]
             ok = {c for c in callers if not ids[c].get("fails")}
+            calls = mw.stats.calls
             tasks = [send(c, path, gate) for c in callers]
-            # One upstream request per identity that can succeed, wherever it went.
+            # Every caller has reached the middleware (as a leader or a follower) ...
+            await wait_until(
+                lambda calls=calls: mw.stats.calls == calls + BURST,
+                f"round {round_}: {BURST} callers in",
+            )
+            # ... and there is one upstream request per identity that can succeed.
             need = len(ok)
             await wait_until(
                 lambda path=path, need=need: sum(s.hits[path] for s in servers) >= need,
@@ -126,11 +142,12 @@ async def test_no_caller_ever_gets_another_identitys_response(ttl):
             for s in servers:
                 s.gate(gate).set()
             results = await bounded(asyncio.gather(*tasks, return_exceptions=True))
-            assert sum(s.hits[path] for s in servers) == len(ok), callers
+            answered = {c for c, r in zip(callers, results, strict=True) if not _failed(r)}
+            assert sum(s.hits[path] for s in servers) == len(answered), callers
             by_hit: dict[tuple[str | None, int], set[str]] = {}
             for name, result in zip(callers, results, strict=True):
                 spec = ids[name]
-                if spec.get("fails"):
+                if spec.get("fails") and (spec["fails"] is True or _failed(result)):
                     assert isinstance(result, aiohttp.ClientConnectorCertificateError), (
                         name,
                         result,
@@ -144,11 +161,15 @@ async def test_no_caller_ever_gets_another_identitys_response(ttl):
                     assert echo["client_cert"] == spec["cert"], (name, echo)
                 else:
                     assert echo["via"] == spec["via"], (name, echo)
-                    assert echo["proxy_authorization"] == spec.get("proxy_authorization")
+                    sent = echo["proxy_authorization"]
+                    if SNI_IN_POOL_KEY:  # aiohttp >= 3.14
+                        assert sent == spec.get("proxy_authorization"), (name, echo)
+                    else:  # older aiohttp sends proxy_auth only when it opens a connection
+                        assert sent in (spec.get("proxy_authorization"), None), (name, echo)
             # Every upstream response went to callers of one identity only.
             assert all(len(names) == 1 for names in by_hit.values()), by_hit
             if ttl is not None:  # the cache keeps identities apart as well
-                for name in sorted(ok):
+                for name in sorted(answered):
                     async with await bounded(send(name, path, gate)) as again:
                         assert served(again) == "cache", name
                         echo = await again.json()
