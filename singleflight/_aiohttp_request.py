@@ -1,4 +1,4 @@
-"""What an aiohttp request asks for beyond its URL and headers: its route and its read settings.
+"""An aiohttp request in the shared policy's terms: its key (URL, headers, route, read settings).
 
 Two requests share one response only if the server would see the same request from the same
 client identity and each caller would read the same bytes. Headers say part of that (the shared
@@ -21,6 +21,7 @@ object differs. The defaults (a plain ``TCPConnector``, ``ssl=True``) add nothin
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 import itertools
@@ -32,6 +33,8 @@ from types import FrameType
 from typing import Any, Final, NamedTuple
 
 from aiohttp import ClientRequest, ClientSession, Fingerprint, TCPConnector, UnixConnector
+
+from singleflight._http import HTTPOptions, bypass_reason
 
 __all__ = ()
 
@@ -225,3 +228,61 @@ def has_body(req: ClientRequest) -> bool:
     if isinstance(body, bytes):
         return bool(body)
     return getattr(body, "size", None) != 0  # size None: a stream of unknown length
+
+
+def session_gone(req: ClientRequest) -> bool:
+    """True once the request's session (or its connector) is closed."""
+    session = req.session
+    return session.closed or session.connector is None
+
+
+class LeaderGone(asyncio.TimeoutError):
+    """The leader's own session closed mid-flight: its error is its own, not the flight's.
+
+    A subclass of ``asyncio.TimeoutError`` because that is what the middleware's Group
+    re-elects on (``reelect_on``), like a leader's own timeout; the leader re-raises ``error``.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+_DECODED: Final = ("decoded",)  # the key's ``extra``: see RequestKey
+_RAW: Final = ("raw",)
+
+
+def request_key(
+    options: HTTPOptions, req: ClientRequest, how: Settings
+) -> tuple[Hashable | None, str]:
+    """``(key, "")`` to coalesce ``req``, or ``(None, why)`` to let it through.
+
+    The shared policy (``singleflight._http``) on aiohttp's request: its method, URL and
+    headers, plus the route and read settings above as the key's ``extra``.
+    """
+    method = req.method
+    headers: Any = req.headers.items()
+    reason = bypass_reason(method, headers, methods=options.methods, has_body=has_body(req))
+    if reason is not None:
+        return None, reason
+    if session_gone(req):  # aiohttp retrying after its session closed: fail as plain
+        return None, "closed"
+    # aiohttp decodes Content-Encoding in its parser when the request says so: a decoded body
+    # must never reach a caller that expects raw bytes, nor the reverse. The route (connector,
+    # TLS, proxy, version, parser limits) separates callers the server would tell apart, or
+    # whose checks differ.
+    extra: tuple[Hashable, ...] = _DECODED if how.auto_decompress else _RAW
+    facts = route(req, how.limits, how.read_until_eof)
+    if facts:
+        extra += facts
+    url = req.url
+    if url.raw_user or url.raw_password:  # the session moves these to Authorization first
+        key = options.key_for(req, method, str(url), headers, extra)
+    else:
+        # yarl has normalised it already (lower-case scheme and host, no default port, no
+        # fragment), except that a bare "http://host" keeps its empty path.
+        text = str(url)
+        if text.count("/") == 2:
+            text += "/"
+        key = options.key_for(req, method, text, headers, extra, userinfo="")
+    return (None, "key") if key is None else (key, "")

@@ -7,7 +7,7 @@ import dataclasses
 import math
 import weakref
 from collections.abc import Callable, Collection, Hashable, Iterable, MutableMapping
-from typing import Any, Final
+from typing import Any
 
 try:
     from aiohttp import ClientRequest, ClientResponse, SocketTimeoutError
@@ -18,7 +18,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         'pip install "singleflight-http[aiohttp]"'
     ) from exc
 
-from singleflight._aiohttp_request import Settings, has_body, route, settings
+from singleflight._aiohttp_request import (
+    LeaderGone,
+    Settings,
+    request_key,
+    session_gone,
+    settings,
+)
 from singleflight._aiohttp_response import (
     fresh_error,
     respond as _respond,  # benchmarks/bench_aiohttp.py uses it
@@ -33,7 +39,6 @@ from singleflight._http import (
     Deadline,
     HTTPOptions,
     Snapshot,
-    bypass_reason,
     progress_of,
 )
 from singleflight._observe import note_call
@@ -180,10 +185,10 @@ class SingleflightMiddleware:
                     judge_cacheable=self._judge_cacheable,
                 )
             except Exception as exc:
-                if _session_gone(req):
+                if session_gone(req):
                     # Our own session closed under the flight: like a cancelled leader, a
                     # waiting caller (another session's) takes the flight over.
-                    raise _LeaderGone(exc) from exc
+                    raise LeaderGone(exc) from exc
                 raise
 
         # A follower waits until the shared request is silent for its own sock_read: that request
@@ -208,7 +213,7 @@ class SingleflightMiddleware:
                     deadline.deadline = math.inf
         except ReentrancyError:  # sent from inside its own flight: waiting would deadlock
             return await self._bypass("reentrant", req, handler)
-        except _LeaderGone as gone:  # ours; or a given group= that does not re-elect on it
+        except LeaderGone as gone:  # ours; or a given group= that does not re-elect on it
             note_call("leader" if ran else "follower", what="request")
             error = gone.error if ran else fresh_error(gone.error, req)
             raise error from gone.error.__cause__
@@ -236,52 +241,4 @@ class SingleflightMiddleware:
         return self._key_or_reason(req, settings(req))[0]
 
     def _key_or_reason(self, req: ClientRequest, how: Settings) -> tuple[Hashable | None, str]:
-        """``(key, "")`` to coalesce ``req``, or ``(None, why)`` to let it through."""
-        options = self._options
-        method = req.method
-        headers: Any = req.headers.items()
-        reason = bypass_reason(method, headers, methods=options.methods, has_body=has_body(req))
-        if reason is not None:
-            return None, reason
-        if _session_gone(req):  # aiohttp retrying after its session closed: fail as plain
-            return None, "closed"
-        # aiohttp decodes Content-Encoding in its parser when the request says so: a decoded
-        # body must never reach a caller that expects raw bytes, nor the reverse. The route
-        # (connector, TLS, proxy, version, parser limits) separates callers the server would
-        # tell apart, or whose checks differ (see _aiohttp_request).
-        extra: tuple[Hashable, ...] = _DECODED if how.auto_decompress else _RAW
-        facts = route(req, how.limits, how.read_until_eof)
-        if facts:
-            extra += facts
-        url = req.url
-        if url.raw_user or url.raw_password:  # the session moves these to Authorization first
-            key = options.key_for(req, method, str(url), headers, extra)
-        else:
-            # yarl has normalised it already (lower-case scheme and host, no default port, no
-            # fragment), except that a bare "http://host" keeps its empty path.
-            text = str(url)
-            if text.count("/") == 2:
-                text += "/"
-            key = options.key_for(req, method, text, headers, extra, userinfo="")
-        return (None, "key") if key is None else (key, "")
-
-
-class _LeaderGone(asyncio.TimeoutError):
-    """The leader's own session closed mid-flight: its error is its own, not the flight's.
-
-    A subclass of ``asyncio.TimeoutError`` because that is what the middleware's Group
-    re-elects on (``reelect_on``), like a leader's own timeout; the leader re-raises ``error``.
-    """
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-def _session_gone(req: ClientRequest) -> bool:
-    session = req.session
-    return session.closed or session.connector is None
-
-
-_DECODED: Final = ("decoded",)  # the key's ``extra``: see RequestKey
-_RAW: Final = ("raw",)
+        return request_key(self._options, req, how)
