@@ -82,6 +82,23 @@ async def read_at_most(resp: ClientResponse, limit: int) -> bytes | None:
         raise
 
 
+def alone_reason(req: ClientRequest, resp: ClientResponse, max_body_size: int) -> str | None:
+    """Why the leader's response goes to the leader only (``Unshared``), or None to share it.
+
+    A 1xx (``101 Switching Protocols``) belongs to its connection; then the shared rules, from
+    the headers alone: ``Set-Cookie``, an event stream, a ``Content-Length`` too large.
+    """
+    if resp.status < 200:
+        return "1xx"
+    limit = sys.maxsize if bodyless(req, resp) else max_body_size
+    return unshareable_reason(resp.raw_headers, max_body_size=limit)
+
+
+def bodyless(req: ClientRequest, resp: ClientResponse) -> bool:
+    """A HEAD (or 204/304) response has no body, whatever its Content-Length announces."""
+    return req.method == hdrs.METH_HEAD or resp.status in (204, 304)
+
+
 async def share(
     req: ClientRequest,
     resp: ClientResponse,
@@ -91,22 +108,14 @@ async def share(
     bufsize: int,
     judge_cacheable: bool,
 ) -> Snapshot | Unshared[ClientResponse]:
-    """Buffer the leader's response into a Snapshot, or keep it for the leader alone.
+    """Buffer the leader's response into a Snapshot (or, grown too large, keep it unshared).
 
     ``decoded``: aiohttp's parser decodes Content-Encoding for this request, so Content-Length
     does not bound the body read. The leader keeps its own response, whose reader is refilled
     with the body (``content.read()``, ``iter_chunked()``... work as for any caller).
     """
-    if resp.status < 200:
-        # A 1xx (101 Switching Protocols) belongs to its connection: never shared.
-        return Unshared(resp)
-    # A HEAD (or 204/304) response has no body, whatever its Content-Length announces.
-    bodyless = req.method == hdrs.METH_HEAD or resp.status in (204, 304)
-    limit = sys.maxsize if bodyless else max_body_size
-    if unshareable_reason(resp.raw_headers, max_body_size=limit):
-        return Unshared(resp)  # Set-Cookie, event stream, too large: untouched, unread
-    if bodyless or (resp.content_length is not None and not decoded):
-        body = await resp.read()  # bounded: unshareable_reason checked Content-Length
+    if bodyless(req, resp) or (resp.content_length is not None and not decoded):
+        body = await resp.read()  # bounded: alone_reason checked Content-Length
     else:
         body_or_none = await read_at_most(resp, max_body_size)
         if body_or_none is None:
@@ -161,16 +170,37 @@ def _fed(body: bytes, bufsize: int, loop: asyncio.AbstractEventLoop) -> StreamRe
 def respond(req: ClientRequest, snap: Snapshot, bufsize: int = 2**16) -> ClientResponse:
     """Build the caller's own complete ``ClientResponse`` for ``snap``, bound to ``req``.
 
+    Its body is in memory (``read()``, ``text()``, ``json()`` and every ``content`` reader
+    answer at once) and it holds no connection.
+    """
+    version = _VERSIONS.get(snap.http_version, HttpVersion11)
+    resp = blank(req, snap.status, snap.reason, version, snap.headers)
+    resp.content = _fed(snap.body, bufsize, resp._loop)
+    resp._body = snap.body
+    resp._connection = None
+    resp._closed = True  # body complete, no connection: nothing for __del__ to warn about
+    resp._released = False  # read() may still be called until the caller releases it
+    return resp
+
+
+def blank(
+    req: ClientRequest,
+    status: int,
+    reason: str | None,
+    version: HttpVersion,
+    raw_headers: tuple[tuple[bytes, bytes], ...],
+) -> ClientResponse:
+    """A ``ClientResponse`` for ``req`` with this status line and headers, and no body yet.
+
     ``ClientResponse(...)`` is never called: its constructor is internal and changed in 3.14 (a
     required ``stream_writer``), which broke mocks that called it (aioresponses #289). Instead the
-    instance is created without ``__init__`` and given exactly the state that ``__init__`` and
-    ``start()`` leave on a response whose body has been read and whose connection is released.
-    These private attributes are the same in aiohttp 3.12, 3.13 and 3.14, and
+    instance is created without ``__init__`` and given the state that ``__init__`` and
+    ``start()`` leave; the caller sets ``content``, ``_body``, ``_connection``, ``_closed`` and
+    ``_released``. These private attributes are the same in aiohttp 3.12, 3.13 and 3.14, and
     ``scripts/aiohttp_matrix.sh`` runs the tests against each of them, so a change is caught in CI.
     """
     cls = req.response_class
     resp = cls.__new__(cls)
-    loop = asyncio.get_running_loop()
     session = req.session
     # What __init__ sets; request_info, url and session are the caller's own.
     resp.method = req.method
@@ -180,28 +210,23 @@ def respond(req: ClientRequest, snap: Snapshot, bufsize: int = 2**16) -> ClientR
     resp._timer = TimerNoop()
     resp._cache = {}  # reify's cache (url, headers, history...): one per response
     resp._traces = []
-    resp._loop = loop
+    resp._loop = asyncio.get_running_loop()
     resp._session = session
     resp._resolve_charset = session._resolve_charset
-    # What start() and reading the body set.
-    resp.version = _VERSIONS.get(snap.http_version, HttpVersion11)
-    resp.status = snap.status
-    resp.reason = snap.reason
-    resp._raw_headers = snap.headers
+    # What start() sets.
+    resp.version = version
+    resp.status = status
+    resp.reason = reason
+    resp._raw_headers = raw_headers
     resp._headers = CIMultiDictProxy(
         CIMultiDict(
             # aiohttp's parser decodes header bytes the same way.
             [
                 (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-                for n, v in snap.headers
+                for n, v in raw_headers
             ]
         )
     )
     cookies = resp._headers.getall(hdrs.SET_COOKIE, ())
     resp._raw_cookie_headers = tuple(cookies) if cookies else None
-    resp.content = _fed(snap.body, bufsize, loop)
-    resp._body = snap.body
-    resp._connection = None
-    resp._closed = True  # body complete, no connection: nothing for __del__ to warn about
-    resp._released = False  # read() may still be called until the caller releases it
     return resp

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import math
 import weakref
 from collections.abc import Callable, Collection, Hashable, Iterable, MutableMapping
@@ -18,6 +19,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         'pip install "singleflight-http[aiohttp]"'
     ) from exc
 
+from singleflight._aiohttp_live import Live
 from singleflight._aiohttp_request import (
     LeaderGone,
     Settings,
@@ -26,6 +28,8 @@ from singleflight._aiohttp_request import (
     settings,
 )
 from singleflight._aiohttp_response import (
+    alone_reason,
+    bodyless,
     fresh_error,
     respond as _respond,  # benchmarks/bench_aiohttp.py uses it
     share,
@@ -92,7 +96,16 @@ class SingleflightMiddleware:
         tier: a shared tier (``singleflight.redis.RedisTier``) for one flight across processes.
     """
 
-    __slots__ = ("_bypasses", "_group", "_judge_cacheable", "_options")
+    __slots__ = (
+        "_buffers",
+        "_bypasses",
+        "_group",
+        "_judge_cacheable",
+        "_late",
+        "_live",
+        "_options",
+        "_waiting",
+    )
 
     def __new__(cls, *args: Any, **kwargs: Any) -> SingleflightMiddleware:
         # Every option is keyword-only, so positional arguments mean aiohttp is calling the
@@ -140,6 +153,13 @@ class SingleflightMiddleware:
             group is not None or tier is not None or self._group.cache is not None
         )
         self._bypasses = 0
+        # Responses are buffered into Snapshots when they may be stored (a cache, a tier) or
+        # when the Group may be shared with other adapters, which know Snapshots only; else
+        # a body with callers waiting streams live to all of them (singleflight._aiohttp_live).
+        self._buffers = self._judge_cacheable
+        self._waiting: dict[Hashable, int] = {}  # key -> callers of ours waiting on its flight
+        self._live: dict[Hashable, Live] = {}  # key -> a body streaming now, open to joiners
+        self._late = 0  # callers that joined a live body after its flight landed
 
     @property
     def group(self) -> Group[Any]:
@@ -149,7 +169,14 @@ class SingleflightMiddleware:
     @property
     def stats(self) -> Stats:
         """The Group's counters (calls, leaders, followers, cache hits...) and ``bypasses``."""
-        return dataclasses.replace(self._group.stats, bypasses=self._bypasses)
+        stats = self._group.stats
+        late = self._late
+        return dataclasses.replace(
+            stats,
+            calls=stats.calls + late,
+            followers=stats.followers + late,
+            bypasses=self._bypasses,
+        )
 
     def __repr__(self) -> str:
         return f"SingleflightMiddleware(group={self._group!r})"
@@ -160,12 +187,18 @@ class SingleflightMiddleware:
         key, reason = self._key_or_reason(req, how)
         if key is None:
             return await self._bypass(reason, req, handler)
+        live = self._live.get(key)
+        if live is not None and live.admits:  # a body streaming to a flight's callers: join it
+            self._late += 1
+            note_call("follower", what="request")
+            return self._served(live.join(req, how.read_bufsize), "follower")
         own: ClientResponse | None = None  # the response of our own upstream call, if we made one
         ran = False
         deadline: Deadline | None = None
         mine: SocketTimeoutError | None = None  # a follower's own timeout
+        follows = key in self._group  # then we wait, and count as a caller the flight serves
 
-        async def fetch() -> Snapshot | Unshared[ClientResponse]:
+        async def fetch() -> Snapshot | Unshared[ClientResponse] | Live:
             nonlocal own, ran
             ran = True
             if deadline is not None:  # leading now: aiohttp enforces our own timeouts
@@ -176,14 +209,8 @@ class SingleflightMiddleware:
                 own = resp = await handler(req)
                 progress.advance()  # followers see the request is not silent: headers,
                 progress.follow(resp.content)  # then every byte the connection feeds the body
-                return await share(
-                    req,
-                    resp,
-                    max_body_size=self._options.max_body_size,
-                    decoded=how.auto_decompress,
-                    bufsize=how.read_bufsize,
-                    judge_cacheable=self._judge_cacheable,
-                )
+                others = self._waiting.get(key, 0) - follows
+                return await self._settle(key, req, resp, how, others)
             except Exception as exc:
                 if session_gone(req):
                     # Our own session closed under the flight: like a cancelled leader, a
@@ -193,7 +220,9 @@ class SingleflightMiddleware:
 
         # A follower waits until the shared request is silent for its own sock_read: that request
         # runs on the leader's timeouts, and each re-elected leader's would add up otherwise.
-        budget = how.sock_read if key in self._group else None
+        budget = how.sock_read if follows else None
+        if follows:
+            self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
             if budget is None:
                 value, role = await self._group.do_with_role(key, fetch)
@@ -223,10 +252,59 @@ class SingleflightMiddleware:
             if fresh is exc:
                 raise
             raise fresh from exc
+        finally:
+            if follows:
+                left = self._waiting[key] - 1
+                if left:
+                    self._waiting[key] = left
+                else:
+                    del self._waiting[key]
+        if type(value) is Live:  # a live body: every caller, the leader too, gets its own reader
+            if not value.joinable:  # it failed, or every reader left, before we could join:
+                note_call("leader", what="request")  # make our own request
+                return self._served(await handler(req), "leader")
+            note_call(role, what="request")
+            resp = value.join(req, how.read_bufsize, traces=own is not None)
+            return self._served(resp, role)
         note_call(role, what="request")
         # The caller that made the upstream request keeps aiohttp's own response (traces,
         # connection bookkeeping and all); everyone else gets a copy built from the Snapshot.
         resp = own if own is not None else _respond(req, value, how.read_bufsize)
+        return self._served(resp, role)
+
+    async def _settle(
+        self, key: Hashable, req: ClientRequest, resp: ClientResponse, how: Settings, others: int
+    ) -> Snapshot | Unshared[ClientResponse] | Live:
+        """What the leader's response becomes for its flight, now that its headers are here.
+
+        Alone (1xx, ``Set-Cookie``, event stream, too large): the leader's own, untouched. With
+        a cache or a tier, or a body known empty: buffered into a Snapshot, which can be stored.
+        Otherwise, nobody waiting: the leader's own response, untouched (a lone caller pays for
+        nothing); callers waiting: a Live body, read once and streamed to every one of them.
+        """
+        if alone_reason(req, resp, self._options.max_body_size):
+            return Unshared(resp)
+        if self._buffers or bodyless(req, resp):
+            return await share(
+                req,
+                resp,
+                max_body_size=self._options.max_body_size,
+                decoded=how.auto_decompress,
+                bufsize=how.read_bufsize,
+                judge_cacheable=self._judge_cacheable,
+            )
+        if others <= 0:
+            return Unshared(resp)
+        live = Live(resp, self._options.max_body_size, functools.partial(self._ended, key))
+        self._live[key] = live
+        return live
+
+    def _ended(self, key: Hashable, live: Live) -> None:
+        if self._live.get(key) is live:
+            del self._live[key]
+
+    @staticmethod
+    def _served(resp: ClientResponse, role: str) -> ClientResponse:
         _served[resp] = role
         return resp
 
