@@ -70,8 +70,11 @@ class SingleflightMiddleware:
     Use it as ``aiohttp.ClientSession(middlewares=(SingleflightMiddleware(),))``. The first
     caller of a request leads and makes it; identical requests that arrive while it is in flight
     wait for it, and each caller gets its own ``ClientResponse`` (status, headers, body, ``url``,
-    its own ``request_info``; ``read()``, ``text()``, ``json()``, ``raise_for_status()`` and
-    ``async with`` work as usual). ``served(response)`` tells how a response was served.
+    its own ``request_info``; ``read()``, ``text()``, ``json()``, every ``content`` reader,
+    ``raise_for_status()`` and ``async with`` work as usual). A caller nobody waited for keeps
+    aiohttp's own response; a flight's callers share its body live, as it arrives (joiners are
+    welcome while it streams, up to ``max_body_size``); with a cache or a tier the body is
+    buffered so it can be stored. ``served(response)`` tells how a response was served.
 
     Keys, bypass rules and what may be shared or cached are ``singleflight._http``'s, the same as
     the httpx transport's (docs/aiohttp.md): credentials separate callers, requests with a body
