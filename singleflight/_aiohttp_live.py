@@ -15,6 +15,8 @@ caller lets go of its response.
   nothing is kept and new callers make their own request.
 - An upstream error reaches each reader where it reads it (a copy of it, bound to nobody else),
   after every byte that came before it; the body's end is each reader's EOF.
+- Each caller's own timeouts hold on its own reader: ``total`` (the reader's ``timer``) and
+  ``sock_read`` (its tap's timer); the upstream read itself runs on no caller's clock.
 - Each response's ``connection`` is a ``Lease``: releasing or closing the response lets go of
   the flight; the last one closes the upstream response (or returns its connection, if whole).
 """
@@ -26,7 +28,7 @@ import copy
 from collections.abc import Callable
 from typing import Final
 
-from aiohttp import ClientConnectionError, ClientRequest, ClientResponse
+from aiohttp import ClientConnectionError, ClientRequest, ClientResponse, SocketTimeoutError
 from aiohttp.helpers import TimerNoop
 from aiohttp.http import HttpVersion11
 from aiohttp.streams import StreamReader
@@ -36,27 +38,53 @@ from singleflight._aiohttp_response import blank
 __all__ = ()
 
 
-class _Gate:
-    """Stands in for the connection's protocol under one caller's reader: that caller's demand.
+class _Tap:
+    """One caller's demand: stands in for the connection's protocol under its reader.
 
     The reader pauses it above its high-water mark and resumes it as it is read (aiohttp 3.14
     calls ``resume_reading(resume_parser=False)``, and on most reads: act on a real resume only).
+    It also keeps the caller's own ``sock_read``, as aiohttp's protocol does for a socket: the
+    timer restarts with every chunk fed, stops while the reader is full, and on expiry puts
+    ``SocketTimeoutError`` on the reader.
     """
 
-    __slots__ = ("_reading_paused", "_wake", "connected")
+    __slots__ = ("_handle", "_live", "_reading_paused", "connected", "reader", "sock_read")
 
-    def __init__(self, wake: Callable[[], None]) -> None:
+    def __init__(self, live: Live, sock_read: float | None) -> None:
+        self._live = live
         self._reading_paused = False
-        self._wake = wake
         self.connected = True
+        self.sock_read = sock_read
+        self._handle: asyncio.TimerHandle | None = None
+        self.reader: StreamReader
 
     def pause_reading(self, *args: object, **kwargs: object) -> None:
         self._reading_paused = True
+        self.disarm()
 
     def resume_reading(self, *args: object, **kwargs: object) -> None:
         if self._reading_paused:
             self._reading_paused = False
-            self._wake()
+            self.arm()
+            self._live._want.set()
+
+    def arm(self) -> None:
+        """(Re)start the caller's read timeout: the caller waits for more of the body."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self.sock_read and not self._reading_paused:
+            self._handle = asyncio.get_running_loop().call_later(self.sock_read, self._expired)
+
+    def disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _expired(self) -> None:
+        self._handle = None
+        if self.reader.exception() is None and not self.reader.is_eof():
+            self.reader.set_exception(SocketTimeoutError("Timeout on reading data from socket"))
 
 
 class Lease:
@@ -67,13 +95,13 @@ class Lease:
     ``close()``: either lets go of the flight once.
     """
 
-    __slots__ = ("_callbacks", "_live", "_reader", "closed")
+    __slots__ = ("_callbacks", "_live", "_tap", "closed")
     protocol: Final = None  # never the upstream's: a caller cannot upgrade or detach it
     transport: Final = None
 
-    def __init__(self, live: Live, reader: StreamReader) -> None:
+    def __init__(self, live: Live, tap: _Tap) -> None:
         self._live = live
-        self._reader = reader
+        self._tap = tap
         self._callbacks: list[Callable[[], None]] = []
         self.closed = False
 
@@ -90,7 +118,7 @@ class Lease:
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback()
-        self._live.leave(self._reader)
+        self._live.leave(self._tap)
 
     close = release
 
@@ -106,7 +134,7 @@ class Live:
         "_kept",
         "_keep",
         "_pump",
-        "_readers",
+        "_taps",
         "_want",
         "on_end",
         "orig",
@@ -118,13 +146,18 @@ class Live:
         self._keep = keep  # bytes kept for late joiners, at most
         self._chunks: list[bytes] | None = []  # None: past ``keep``, nothing kept any more
         self._kept = 0
-        self._readers: dict[StreamReader, _Gate] = {}
+        self._taps: set[_Tap] = set()
         self._want = asyncio.Event()
         self._ended = False
         self._error: BaseException | None = None
         # The upstream read runs on no caller's clock: each caller's own total timeout applies
-        # to its own reader (``timer=``). The leader's sock_read still guards the socket.
+        # to its own reader (``timer=``), its own sock_read to its own tap.
         orig.content._timer = TimerNoop()
+        connection = orig.connection
+        protocol = connection.protocol if connection is not None else None
+        if protocol is not None:
+            protocol.read_timeout = None
+            getattr(protocol, "_reschedule_timeout", lambda: None)()  # drop the armed one
         # The flight's callers join in the loop turn after it lands (their futures' wake-ups);
         # until two turns have passed, a flight nobody reads yet is not over.
         self._grace = True
@@ -146,29 +179,37 @@ class Live:
         """True while a caller that arrives late may join: the body is still coming."""
         return self.joinable and not self._ended and self._pump is not None
 
-    def join(self, req: ClientRequest, bufsize: int, traces: bool = False) -> ClientResponse:
+    def join(
+        self,
+        req: ClientRequest,
+        bufsize: int,
+        sock_read: float | None,
+        traces: bool = False,
+    ) -> ClientResponse:
         """The caller's own response: what has arrived so far, then the rest as it comes.
 
-        Only while ``admits``. ``traces``: the leader's response keeps aiohttp's traces.
+        Only while ``joinable``. ``traces``: the leader's response keeps aiohttp's traces.
         """
         assert self._chunks is not None, "join() after the flight stopped admitting"
         orig = self.orig
         resp = blank(req, orig.status, orig.reason, orig.version or HttpVersion11, orig.raw_headers)
-        gate = _Gate(self._want.set)
-        reader = StreamReader(
-            gate,  # type: ignore[arg-type]
+        tap = _Tap(self, sock_read)
+        tap.reader = reader = StreamReader(
+            tap,  # type: ignore[arg-type]
             bufsize,
             timer=req._timer,  # the caller's own total timeout cancels its reads, as plain
             loop=resp._loop,
         )
-        self._readers[reader] = gate
+        self._taps.add(tap)
         for chunk in self._chunks:
             reader.feed_data(chunk)
         if self._ended:
-            self._finish(reader)
+            self._finish(tap)
+        else:
+            tap.arm()
         resp.content = reader
         resp._body = None
-        resp._connection = Lease(self, reader)  # type: ignore[assignment]
+        resp._connection = Lease(self, tap)  # type: ignore[assignment]
         resp._closed = False
         resp._released = False
         if traces:
@@ -176,16 +217,17 @@ class Live:
         reader.on_eof(resp._response_eof)  # the whole body read: release, as plain
         return resp
 
-    def leave(self, reader: StreamReader) -> None:
+    def leave(self, tap: _Tap) -> None:
         """A caller let go of its response; the last one, mid-body, ends the upstream read."""
-        self._readers.pop(reader, None)
-        if self._readers or self._ended or self._grace:  # ended: the pump let go already
+        tap.disarm()
+        self._taps.discard(tap)
+        if self._taps or self._ended or self._grace:  # ended: the pump let go already
             return
         self._stop()
 
     def _grace_over(self) -> None:
         self._grace = False
-        if not self._readers and not self._ended and self._pump is not None:
+        if not self._taps and not self._ended and self._pump is not None:
             self._stop()  # every caller left (or none came) before the body ended
 
     def _stop(self) -> None:
@@ -196,7 +238,9 @@ class Live:
         self.orig.close()  # mid-body: the connection cannot be reused
         self.on_end(self)
 
-    def _finish(self, reader: StreamReader) -> None:
+    def _finish(self, tap: _Tap) -> None:
+        tap.disarm()
+        reader = tap.reader
         error = self._error
         if error is None:
             reader.feed_eof()
@@ -211,7 +255,7 @@ class Live:
         content = self.orig.content
         try:
             while True:
-                while self._readers and all(g._reading_paused for g in self._readers.values()):
+                while self._taps and all(t._reading_paused for t in self._taps):
                     self._want.clear()
                     await self._want.wait()
                 chunk = await content.readany()
@@ -223,8 +267,9 @@ class Live:
                         self._chunks = None  # late joiners make their own request now
                     else:
                         self._chunks.append(chunk)
-                for reader in list(self._readers):
-                    reader.feed_data(chunk)
+                for tap in list(self._taps):
+                    tap.reader.feed_data(chunk)
+                    tap.arm()
         except asyncio.CancelledError:
             if self._pump is None:  # the last reader left: nobody to tell
                 raise
@@ -235,8 +280,8 @@ class Live:
             self._chunks = None  # a caller yet to join makes its own request
         self._ended = True  # the chunks stay for the flight's callers that have yet to join
         self.on_end(self)
-        for reader in list(self._readers):
-            self._finish(reader)
+        for tap in list(self._taps):
+            self._finish(tap)
         if self._error is None:
             self.orig.release()
         else:

@@ -194,7 +194,7 @@ class SingleflightMiddleware:
         if live is not None and live.admits:  # a body streaming to a flight's callers: join it
             self._late += 1
             note_call("follower", what="request")
-            return self._served(live.join(req, how.read_bufsize), "follower")
+            return self._served(live.join(req, how.read_bufsize, how.sock_read), "follower")
         own: ClientResponse | None = None  # the response of our own upstream call, if we made one
         ran = False
         deadline: Deadline | None = None
@@ -267,7 +267,7 @@ class SingleflightMiddleware:
                 note_call("leader", what="request")  # make our own request
                 return self._served(await handler(req), "leader")
             note_call(role, what="request")
-            resp = value.join(req, how.read_bufsize, traces=own is not None)
+            resp = value.join(req, how.read_bufsize, how.sock_read, traces=own is not None)
             return self._served(resp, role)
         note_call(role, what="request")
         # The caller that made the upstream request keeps aiohttp's own response (traces,

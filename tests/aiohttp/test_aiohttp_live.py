@@ -174,3 +174,27 @@ async def test_each_caller_keeps_its_own_total_timeout():
         assert (await bounded(patient.read())).count(b"\n") == 20
         assert up.hits == 1
     await joined(mw, 1)
+
+
+@pytest.mark.parametrize("impatient", ["leader", "follower"])
+async def test_each_caller_keeps_its_own_sock_read(impatient):
+    """A stall longer than one caller's sock_read fails that caller alone, leader or not."""
+    up = Stream()
+    mw = SingleflightMiddleware()
+    short = aiohttp.ClientTimeout(sock_read=0.3)
+    async with serve(up.app) as base, aiohttp.ClientSession(middlewares=(mw,)) as session:
+        url = base + "/watch?lines=3&every=0&hold=1"  # stalls after the first line
+        timeouts = [short, None] if impatient == "leader" else [None, short]
+        responses = await bounded(
+            asyncio.gather(
+                *(session.get(url, timeout=t or aiohttp.ClientTimeout()) for t in timeouts)
+            )
+        )
+        assert [served(r) for r in responses] == ["leader", "follower"]
+        quick = responses[0] if impatient == "leader" else responses[1]
+        patient = responses[1] if impatient == "leader" else responses[0]
+        with pytest.raises(aiohttp.SocketTimeoutError):
+            await bounded(quick.read())
+        up.hold.set()
+        assert (await bounded(patient.read())).count(b"\n") == 3
+        assert up.hits == 1
