@@ -226,7 +226,9 @@ class Live:
         self._stop()
 
     def _grace_over(self) -> None:
-        self._grace = False
+        self._grace = False  # every caller of the flight has joined: keep no more than keep
+        if self._kept > self._keep and not self._ended:
+            self._chunks = None
         if not self._taps and not self._ended and self._pump is not None:
             self._stop()  # every caller left (or none came) before the body ended
 
@@ -263,10 +265,9 @@ class Live:
                     break
                 if self._chunks is not None:
                     self._kept += len(chunk)
-                    if self._kept > self._keep:
+                    self._chunks.append(chunk)
+                    if self._kept > self._keep and not self._grace:
                         self._chunks = None  # late joiners make their own request now
-                    else:
-                        self._chunks.append(chunk)
                 for tap in list(self._taps):
                     tap.reader.feed_data(chunk)
                     tap.arm()

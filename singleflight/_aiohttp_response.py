@@ -54,9 +54,10 @@ def fresh_error(exc: _E, req: ClientRequest) -> _E:
 async def read_at_most(resp: ClientResponse, limit: int) -> bytes | None:
     """Read the body of ``resp`` if it is at most ``limit`` bytes, else return None.
 
-    On None every byte read so far is back in ``resp.content``, so the leader still reads the
-    whole body from its own response. Used when the size is not known from the headers (chunked,
-    or decoded from gzip/deflate). Any error closes ``resp``: no connection is left held.
+    Reads ``resp.content`` (not ``resp.read()``, which would fire the caller's traces for a
+    read it never made). On None every byte read so far is back in ``resp.content``, so the
+    leader still reads the whole body from its own response. Any error closes ``resp``: no
+    connection is left held. The connection goes back to the pool when the payload ends.
     """
     content = resp.content
     chunks: list[bytes] = []
@@ -67,19 +68,17 @@ async def read_at_most(resp: ClientResponse, limit: int) -> bytes | None:
             size += len(chunk)
             if size > limit:
                 break
-        # Hand the bytes back to the reader; read() then takes them from memory and releases the
-        # connection as usual (it is already back in the pool once the payload ended).
-        # unread_data() is deprecated (aiohttp #3260) but is the only way to put bytes back at
-        # the head of a StreamReader; the matrix run covers it.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            content.unread_data(b"".join(chunks))
-        if size > limit:
-            return None
-        return await resp.read()
     except BaseException:
         resp.close()
         raise
+    if size > limit:
+        # Hand the bytes back to the reader. unread_data() is deprecated (aiohttp #3260) but is
+        # the only way to put bytes back at the head of a StreamReader; the matrix covers it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            content.unread_data(b"".join(chunks))
+        return None
+    return b"".join(chunks)
 
 
 def alone_reason(req: ClientRequest, resp: ClientResponse, max_body_size: int) -> str | None:
@@ -114,13 +113,16 @@ async def share(
     does not bound the body read. The leader keeps its own response, whose reader is refilled
     with the body (``content.read()``, ``iter_chunked()``... work as for any caller).
     """
-    if bodyless(req, resp) or (resp.content_length is not None and not decoded):
-        body = await resp.read()  # bounded: alone_reason checked Content-Length
-    else:
-        body_or_none = await read_at_most(resp, max_body_size)
-        if body_or_none is None:
-            return Unshared(resp)  # grew past max_body_size: the rest streams to the leader
-        body = body_or_none
+    # Content-Length (checked by alone_reason) bounds a body read as it came; a chunked or a
+    # decoded one may grow past max_body_size.
+    known = resp.content_length is not None and not decoded
+    bound = sys.maxsize if bodyless(req, resp) or known else max_body_size
+    body_or_none = await read_at_most(resp, bound)
+    if body_or_none is None:
+        return Unshared(resp)  # grew past max_body_size: the rest streams to the leader
+    body = body_or_none
+    # The leader's own response gets its body back in a fresh reader; its read() reads it
+    # from there (traces and all), as if it had come from the socket.
     resp.content = _fed(body, bufsize, asyncio.get_running_loop())
     version = resp.version
     http_version = f"HTTP/{version.major}.{version.minor}" if version else "HTTP/1.1"
