@@ -49,9 +49,9 @@ class Stream:
                 i += 1
                 await asyncio.sleep(every)
             await resp.write_eof()
-        except (ConnectionError, asyncio.CancelledError):
-            self.gone.set()
-            raise
+        except (ConnectionError, aiohttp.ClientConnectionError, asyncio.CancelledError):
+            self.gone.set()  # the client went away: nothing more to send
+            return resp
         return resp
 
 
@@ -198,3 +198,42 @@ async def test_each_caller_keeps_its_own_sock_read(impatient):
         up.hold.set()
         assert (await bounded(patient.read())).count(b"\n") == 3
         assert up.hits == 1
+
+
+async def test_a_reader_cancelled_mid_read_leaves_the_others_whole():
+    up = Stream()
+    mw = SingleflightMiddleware()
+    async with serve(up.app) as base, aiohttp.ClientSession(middlewares=(mw,)) as session:
+        url = base + "/watch?lines=4&every=0&hold=1"  # stalls after the first line
+        a, b, c = await bounded(asyncio.gather(*(session.get(url) for _ in range(3))))
+        for r in (a, b, c):
+            assert json.loads(await bounded(r.content.readline())) == {"n": 0}
+        stuck = asyncio.create_task(a.content.readline())  # waits on the stall
+        await asyncio.sleep(0)
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+        up.hold.set()
+        for r in (b, c):
+            assert (await bounded(r.read())).count(b"\n") == 3
+        assert json.loads(await bounded(a.content.readline())) == {"n": 1}  # a reads on too
+        a.close()
+        assert up.hits == 1
+        # Every upstream connection is back in the pool or closed: nothing held.
+        await wait_until(lambda: not session.connector._acquired, "connections released")
+    assert not mw._live and not mw._waiting
+
+
+async def test_callers_that_all_leave_before_reading_close_the_upstream():
+    up = Stream()
+    mw = SingleflightMiddleware()
+    async with serve(up.app) as base, aiohttp.ClientSession(middlewares=(mw,)) as session:
+        responses = await bounded(
+            asyncio.gather(*(session.get(base + "/watch?lines=0") for _ in range(3)))
+        )
+        assert sorted(served(r) for r in responses) == ["follower", "follower", "leader"]
+        for r in responses:
+            r.release()
+        await bounded(up.gone.wait())  # the endless body's upstream request ended
+        await wait_until(lambda: not session.connector._acquired, "connections released")
+    assert not mw._live and mw.group.in_flight == 0
