@@ -101,9 +101,12 @@ if hasattr(StreamReader, "readuntil"):
     READERS["readuntil"] = _readuntil
 
 
+@pytest.mark.parametrize("mode", ["live", "ttl"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("reader", sorted(READERS))
-async def test_every_reader_gets_the_whole_body_in_every_role(reader, kind):
+async def test_every_reader_gets_the_whole_body_in_every_role(reader, kind, mode):
+    """live: a lone caller (aiohttp's own response), a flight's leader and follower (a live
+    body); ttl: the leader (its body read and handed back), a follower and the cache (copies)."""
     read = READERS[reader]
     up = WebUpstream()
     async with serve(up.app) as base:
@@ -112,19 +115,29 @@ async def test_every_reader_gets_the_whole_body_in_every_role(reader, kind):
             async with plain.get(f"{base}{path}?kind={kind}") as r:
                 expected = await read(r)
         assert expected == BODY  # the reader itself is right on a plain session
-        mw = SingleflightMiddleware(ttl=60)
+        mw = SingleflightMiddleware(ttl=60 if mode == "ttl" else None)
         async with aiohttp.ClientSession(middlewares=(mw,)) as session:
             url = f"{base}{path}?kind={kind}&gate=g"
+            got = {}
+            if mode == "live":
+                up.gate("g").set()
+                async with await bounded(session.get(url)) as lone:
+                    got["lone " + str(served(lone))] = await bounded(read(lone))
+                up.gate("g").clear()
             first = asyncio.create_task(session.get(url))
             await bounded(up.arrival("g").wait())
             second = asyncio.create_task(session.get(url))
             await joined(mw, 1)
             up.gate("g").set()
-            leader, follower = await bounded(asyncio.gather(first, second))
-            cached = await bounded(session.get(url))
-            got = {}
-            for resp in (leader, follower, cached):
+            responses = [*await bounded(asyncio.gather(first, second))]
+            if mode == "ttl":
+                responses.append(await bounded(session.get(url)))
+            for resp in responses:
                 async with resp:
                     got[served(resp)] = await bounded(read(resp))
-        assert up.hits[path] == 2  # the plain one, and one for the three roles
-        assert got == {"leader": expected, "follower": expected, "cache": expected}
+        if mode == "ttl":
+            assert up.hits[path] == 2  # the plain one, and one for the three roles
+            assert got == {"leader": expected, "follower": expected, "cache": expected}
+        else:
+            assert up.hits[path] == 3  # the plain one, the lone one, one for the flight
+            assert got == {"lone leader": expected, "leader": expected, "follower": expected}
