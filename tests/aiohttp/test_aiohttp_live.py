@@ -237,3 +237,14 @@ async def test_callers_that_all_leave_before_reading_close_the_upstream():
         await bounded(up.gone.wait())  # the endless body's upstream request ended
         await wait_until(lambda: not session.connector._acquired, "connections released")
     assert not mw._live and mw.group.in_flight == 0
+
+
+async def test_a_lone_callers_body_error_comes_where_it_reads(upstream, make_session):
+    """As plain aiohttp: get() gives the status and headers; the broken body fails read()."""
+    mw = SingleflightMiddleware()
+    session = make_session(mw)
+    resp = await bounded(session.get(upstream.url + "/broken?reset=100"))
+    assert resp.status == 200 and served(resp) == "leader"
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await bounded(resp.read())
+    assert not session.connector._acquired
