@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import functools
 import math
+import sys
 import weakref
 from collections.abc import Callable, Collection, Hashable, Iterable, MutableMapping
 from typing import Any
@@ -280,24 +281,27 @@ class SingleflightMiddleware:
     ) -> Snapshot | Unshared[ClientResponse] | Live:
         """What the leader's response becomes for its flight, now that its headers are here.
 
-        Alone (1xx, ``Set-Cookie``, event stream, too large): the leader's own, untouched. With
-        a cache or a tier, or a body known empty: buffered into a Snapshot, which can be stored.
-        Otherwise, nobody waiting: the leader's own response, untouched (a lone caller pays for
-        nothing); callers waiting: a Live body, read once and streamed to every one of them.
+        Alone (1xx, ``Set-Cookie``, event stream, too large) or nobody waiting (a lone caller
+        pays for nothing): the leader's own, untouched. With a cache or a tier, or a body that
+        is empty or already whole: buffered into a Snapshot (which can be stored). Otherwise a
+        Live body, read once and streamed to every caller of the flight as it arrives.
         """
         if alone_reason(req, resp, self._options.max_body_size):
             return Unshared(resp)
-        if self._buffers or bodyless(req, resp):
+        if others <= 0 and not self._buffers:
+            return Unshared(resp)
+        # The whole body already here with the headers (a small response, the usual case): a
+        # Snapshot costs each caller a copy, where a live body would cost a reader and a wake-up.
+        if self._buffers or bodyless(req, resp) or resp.content.is_eof():
             return await share(
                 req,
                 resp,
-                max_body_size=self._options.max_body_size,
+                # Without a cache the limit bounds late joiners only, as for a live body.
+                max_body_size=self._options.max_body_size if self._buffers else sys.maxsize,
                 decoded=how.auto_decompress,
                 bufsize=how.read_bufsize,
                 judge_cacheable=self._judge_cacheable,
             )
-        if others <= 0:
-            return Unshared(resp)
         live = Live(resp, self._options.max_body_size, functools.partial(self._ended, key))
         self._live[key] = live
         return live

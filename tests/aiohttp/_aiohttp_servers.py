@@ -75,8 +75,11 @@ class WebUpstream:
         resp = web.StreamResponse(headers=headers)
         resp.enable_chunked_encoding()
         await resp.prepare(request)
+        mid = request.query.get("mid")  # hold the body after its first piece at this gate
         for i in range(0, len(data), 7000):
             await resp.write(data[i : i + 7000])
+            if i == 0 and mid:
+                await asyncio.wait_for(self.gate(mid).wait(), 30)
         await resp.write_eof()
         return resp
 
