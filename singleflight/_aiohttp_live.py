@@ -33,7 +33,7 @@ from aiohttp.helpers import TimerNoop
 from aiohttp.http import HttpVersion11
 from aiohttp.streams import StreamReader
 
-from singleflight._aiohttp_response import blank
+from singleflight._aiohttp_response import blank, raw_headers
 
 __all__ = ()
 
@@ -192,7 +192,8 @@ class Live:
         """
         assert self._chunks is not None, "join() after the flight stopped admitting"
         orig = self.orig
-        resp = blank(req, orig.status, orig.reason, orig.version or HttpVersion11, orig.raw_headers)
+        version = orig.version or HttpVersion11
+        resp = blank(req, orig.status, orig.reason, version, raw_headers(orig))
         tap = _Tap(self, sock_read)
         tap.reader = reader = StreamReader(
             tap,  # type: ignore[arg-type]

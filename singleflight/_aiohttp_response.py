@@ -90,7 +90,19 @@ def alone_reason(req: ClientRequest, resp: ClientResponse, max_body_size: int) -
     if resp.status < 200:
         return "1xx"
     limit = sys.maxsize if bodyless(req, resp) else max_body_size
-    return unshareable_reason(resp.raw_headers, max_body_size=limit)
+    return unshareable_reason(raw_headers(resp), max_body_size=limit)
+
+
+def raw_headers(resp: ClientResponse) -> tuple[tuple[bytes, bytes], ...]:
+    """The response's header pairs as received; rebuilt from ``headers`` when a custom
+    ``response_class`` left ``raw_headers`` None."""
+    raw = resp.raw_headers
+    if raw is not None:
+        return raw
+    return tuple(
+        (n.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+        for n, v in resp.headers.items()
+    )
 
 
 def bodyless(req: ClientRequest, resp: ClientResponse) -> bool:
@@ -126,7 +138,7 @@ async def share(
     resp.content = _fed(body, bufsize, asyncio.get_running_loop())
     version = resp.version
     http_version = f"HTTP/{version.major}.{version.minor}" if version else "HTTP/1.1"
-    parts = (resp.status, resp.reason or "", http_version, resp.raw_headers, body)
+    parts = (resp.status, resp.reason or "", http_version, raw_headers(resp), body)
     if not judge_cacheable:
         return Snapshot(*parts)
     return Snapshot.build(*parts, request_headers=cast(Any, req.headers.items()))

@@ -214,7 +214,11 @@ class SingleflightMiddleware:
                 progress.advance()  # followers see the request is not silent: headers,
                 progress.follow(resp.content)  # then every byte the connection feeds the body
                 others = self._waiting.get(key, 0) - follows
-                return await self._settle(key, req, resp, how, others)
+                try:
+                    return await self._settle(key, req, resp, how, others)
+                except BaseException:
+                    resp.close()  # handed to nobody: its connection must not leak
+                    raise
             except Exception as exc:
                 if session_gone(req):
                     # Our own session closed under the flight: like a cancelled leader, a
