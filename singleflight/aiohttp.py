@@ -137,6 +137,8 @@ class SingleflightMiddleware:
         group: Group[Any] | None = None,
         tier: Any = None,
     ) -> None:
+        if hasattr(tier, "require"):  # sync tier (issue 14)
+            tier.require(True, "SingleflightMiddleware")  # sync tier (issue 14)
         self._options = HTTPOptions.build(
             methods=methods,
             ttl=ttl,
@@ -228,7 +230,8 @@ class SingleflightMiddleware:
 
         # A follower waits until the shared request is silent for its own sock_read: that request
         # runs on the leader's timeouts, and each re-elected leader's would add up otherwise.
-        budget = how.sock_read if follows else None
+        # With a tier another process may hold the flight: arm our deadline anyway (issue 14)
+        budget = how.sock_read if follows or self._group.tier is not None else None
         if follows:
             self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
