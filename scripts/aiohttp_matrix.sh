@@ -27,7 +27,7 @@ while [[ $# -gt 0 && $1 != "--" ]]; do versions+=("$1"); shift; done
 
 # Test dependencies of tests/aiohttp (the package brings cachetools; testing.py uses anyio);
 # hatchling + editables make the editable install work without a throwaway build env.
-TEST_DEPS=(hatchling editables "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3" "anyio>=4")
+TEST_DEPS=(hatchling editables "pytest>=8" "pytest-asyncio>=0.24" "pytest-timeout>=2.3" "anyio>=4" "trustme>=1.1")
 
 venv_of() {
     local name="aiohttp-${1//[^0-9.]/}"

@@ -4,27 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import math
 import sys
 import weakref
 from collections.abc import Callable, Collection, Hashable, Iterable, MutableMapping
-from typing import Any, Final, cast
+from typing import Any
 
 try:
-    from aiohttp import ClientRequest, ClientResponse, SocketTimeoutError, hdrs
+    from aiohttp import ClientRequest, ClientResponse, SocketTimeoutError
     from aiohttp.client_middlewares import ClientHandlerType
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "singleflight.aiohttp needs aiohttp >= 3.12 (client middlewares): "
-        "pip install singleflight-http[aiohttp]"
+        'pip install "singleflight-http[aiohttp]"'
     ) from exc
 
-from singleflight._aiohttp import (
+from singleflight._aiohttp_live import Live
+from singleflight._aiohttp_request import (
+    LeaderGone,
+    Settings,
+    request_key,
+    session_gone,
+    settings,
+)
+from singleflight._aiohttp_response import (
+    alone_reason,
+    bodyless,
     fresh_error,
-    has_body,
-    read_at_most,
     respond as _respond,  # benchmarks/bench_aiohttp.py uses it
-    sock_read,
+    share,
 )
 from singleflight._errors import ReentrancyError
 from singleflight._group import Group, Stats, Unshared
@@ -35,9 +44,7 @@ from singleflight._http import (
     Deadline,
     HTTPOptions,
     Snapshot,
-    bypass_reason,
     progress_of,
-    unshareable_reason,
 )
 from singleflight._observe import note_call
 
@@ -64,13 +71,18 @@ class SingleflightMiddleware:
     Use it as ``aiohttp.ClientSession(middlewares=(SingleflightMiddleware(),))``. The first
     caller of a request leads and makes it; identical requests that arrive while it is in flight
     wait for it, and each caller gets its own ``ClientResponse`` (status, headers, body, ``url``,
-    its own ``request_info``; ``read()``, ``text()``, ``json()``, ``raise_for_status()`` and
-    ``async with`` work as usual). ``served(response)`` tells how a response was served.
+    its own ``request_info``; ``read()``, ``text()``, ``json()``, every ``content`` reader,
+    ``raise_for_status()`` and ``async with`` work as usual). A caller nobody waited for keeps
+    aiohttp's own response; a flight's callers share its body live, as it arrives (joiners are
+    welcome while it streams, up to ``max_body_size``); with a cache or a tier the body is
+    buffered so it can be stored. ``served(response)`` tells how a response was served.
 
     Keys, bypass rules and what may be shared or cached are ``singleflight._http``'s, the same as
     the httpx transport's (docs/aiohttp.md): credentials separate callers, requests with a body
     pass through, a response with ``Set-Cookie``, an event stream or a body above
-    ``max_body_size`` goes to its leader only. The session's ``auto_decompress`` is in the key.
+    ``max_body_size`` goes to its leader only. The route (connector, ``ssl=``,
+    ``server_hostname``, proxy) and the read settings (``auto_decompress``, ``read_until_eof``,
+    the parser's limits) are in the key too (``singleflight._aiohttp_request``).
     aiohttp calls a middleware once per redirect hop and per retry: each hop coalesces on its own.
     The leader's own timeout or cancellation re-elects a waiting caller; other errors and every
     status reach all the callers of the flight, and are never cached.
@@ -88,7 +100,29 @@ class SingleflightMiddleware:
         tier: a shared tier (``singleflight.redis.RedisTier``) for one flight across processes.
     """
 
-    __slots__ = ("_bypasses", "_group", "_judge_cacheable", "_options")
+    __slots__ = (
+        "_buffers",
+        "_bypasses",
+        "_group",
+        "_judge_cacheable",
+        "_late",
+        "_live",
+        "_options",
+        "_waiting",
+    )
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SingleflightMiddleware:
+        # Every option is keyword-only, so positional arguments mean aiohttp is calling the
+        # class itself as a middleware, with (request, handler): it was given the class.
+        if args:
+            raise TypeError(
+                "SingleflightMiddleware was called with positional arguments "
+                f"({', '.join(type(a).__name__ for a in args)}): if the session was given the "
+                "class itself, pass an instance instead: "
+                "aiohttp.ClientSession(middlewares=(SingleflightMiddleware(),)); "
+                "its options are keyword-only, e.g. SingleflightMiddleware(ttl=5.0)"
+            )
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -125,6 +159,13 @@ class SingleflightMiddleware:
             group is not None or tier is not None or self._group.cache is not None
         )
         self._bypasses = 0
+        # Responses are buffered into Snapshots when they may be stored (a cache, a tier) or
+        # when the Group may be shared with other adapters, which know Snapshots only; else
+        # a body with callers waiting streams live to all of them (singleflight._aiohttp_live).
+        self._buffers = self._judge_cacheable
+        self._waiting: dict[Hashable, int] = {}  # key -> callers of ours waiting on its flight
+        self._live: dict[Hashable, Live] = {}  # key -> a body streaming now, open to joiners
+        self._late = 0  # callers that joined a live body after its flight landed
 
     @property
     def group(self) -> Group[Any]:
@@ -134,37 +175,65 @@ class SingleflightMiddleware:
     @property
     def stats(self) -> Stats:
         """The Group's counters (calls, leaders, followers, cache hits...) and ``bypasses``."""
-        return dataclasses.replace(self._group.stats, bypasses=self._bypasses)
+        stats = self._group.stats
+        late = self._late
+        return dataclasses.replace(
+            stats,
+            calls=stats.calls + late,
+            followers=stats.followers + late,
+            bypasses=self._bypasses,
+        )
 
     def __repr__(self) -> str:
         return f"SingleflightMiddleware(group={self._group!r})"
 
     async def __call__(self, req: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         """Serve ``req``: lead its flight, follow one, hit the cache, or pass straight through."""
-        key, reason = self._key_or_reason(req)
+        how = settings(req)
+        key, reason = self._key_or_reason(req, how)
         if key is None:
             return await self._bypass(reason, req, handler)
+        live = self._live.get(key)
+        if live is not None and live.admits:  # a body streaming to a flight's callers: join it
+            self._late += 1
+            note_call("follower", what="request")
+            return self._served(live.join(req, how.read_bufsize, how.sock_read), "follower")
         own: ClientResponse | None = None  # the response of our own upstream call, if we made one
         ran = False
         deadline: Deadline | None = None
         mine: SocketTimeoutError | None = None  # a follower's own timeout
+        follows = key in self._group  # then we wait, and count as a caller the flight serves
 
-        async def fetch() -> Snapshot | Unshared[ClientResponse]:
+        async def fetch() -> Snapshot | Unshared[ClientResponse] | Live:
             nonlocal own, ran
             ran = True
             if deadline is not None:  # leading now: aiohttp enforces our own timeouts
                 deadline.deadline = math.inf
             progress = progress_of(self._group, key)
             progress.start()
-            own = resp = await handler(req)
-            progress.advance()  # followers see the request is not silent: headers,
-            progress.follow(resp.content)  # then every byte the connection feeds the body
-            return await self._share(req, resp)
+            try:
+                own = resp = await handler(req)
+                progress.advance()  # followers see the request is not silent: headers,
+                progress.follow(resp.content)  # then every byte the connection feeds the body
+                others = self._waiting.get(key, 0) - follows
+                try:
+                    return await self._settle(key, req, resp, how, others)
+                except BaseException:
+                    resp.close()  # handed to nobody: its connection must not leak
+                    raise
+            except Exception as exc:
+                if session_gone(req):
+                    # Our own session closed under the flight: like a cancelled leader, a
+                    # waiting caller (another session's) takes the flight over.
+                    raise LeaderGone(exc) from exc
+                raise
 
         # A follower waits until the shared request is silent for its own sock_read: that request
         # runs on the leader's timeouts, and each re-elected leader's would add up otherwise.
         # With a tier another process may hold the flight: arm our deadline anyway (issue 14)
-        budget = sock_read() if key in self._group or self._group.tier is not None else None
+        budget = how.sock_read if follows or self._group.tier is not None else None
+        if follows:
+            self._waiting[key] = self._waiting.get(key, 0) + 1
         try:
             if budget is None:
                 value, role = await self._group.do_with_role(key, fetch)
@@ -184,16 +253,72 @@ class SingleflightMiddleware:
                     deadline.deadline = math.inf
         except ReentrancyError:  # sent from inside its own flight: waiting would deadlock
             return await self._bypass("reentrant", req, handler)
+        except LeaderGone as gone:  # ours; or a given group= that does not re-elect on it
+            note_call("leader" if ran else "follower", what="request")
+            error = gone.error if ran else fresh_error(gone.error, req)
+            raise error from gone.error.__cause__
         except BaseException as exc:
             note_call("leader" if ran else "follower", what="request")
             fresh = exc if ran or exc is mine else fresh_error(exc, req)
             if fresh is exc:
                 raise
             raise fresh from exc
+        finally:
+            if follows:
+                left = self._waiting[key] - 1
+                if left:
+                    self._waiting[key] = left
+                else:
+                    del self._waiting[key]
+        if type(value) is Live:  # a live body: every caller, the leader too, gets its own reader
+            if not value.joinable:  # it failed, or every reader left, before we could join:
+                note_call("leader", what="request")  # make our own request
+                return self._served(await handler(req), "leader")
+            note_call(role, what="request")
+            resp = value.join(req, how.read_bufsize, how.sock_read, traces=own is not None)
+            return self._served(resp, role)
         note_call(role, what="request")
         # The caller that made the upstream request keeps aiohttp's own response (traces,
         # connection bookkeeping and all); everyone else gets a copy built from the Snapshot.
-        resp = own if own is not None else _respond(req, value)
+        resp = own if own is not None else _respond(req, value, how.read_bufsize)
+        return self._served(resp, role)
+
+    async def _settle(
+        self, key: Hashable, req: ClientRequest, resp: ClientResponse, how: Settings, others: int
+    ) -> Snapshot | Unshared[ClientResponse] | Live:
+        """What the leader's response becomes for its flight, now that its headers are here.
+
+        Alone (1xx, ``Set-Cookie``, event stream, too large) or nobody waiting (a lone caller
+        pays for nothing): the leader's own, untouched. With a cache or a tier, or a body that
+        is empty or already whole: buffered into a Snapshot (which can be stored). Otherwise a
+        Live body, read once and streamed to every caller of the flight as it arrives.
+        """
+        if alone_reason(req, resp, self._options.max_body_size):
+            return Unshared(resp)
+        if others <= 0 and not self._buffers:
+            return Unshared(resp)
+        # The whole body already here with the headers (a small response, the usual case): a
+        # Snapshot costs each caller a copy, where a live body would cost a reader and a wake-up.
+        if self._buffers or bodyless(req, resp) or resp.content.is_eof():
+            return await share(
+                req,
+                resp,
+                # Without a cache the limit bounds late joiners only, as for a live body.
+                max_body_size=self._options.max_body_size if self._buffers else sys.maxsize,
+                decoded=how.auto_decompress,
+                bufsize=how.read_bufsize,
+                judge_cacheable=self._judge_cacheable,
+            )
+        live = Live(resp, self._options.max_body_size, functools.partial(self._ended, key))
+        self._live[key] = live
+        return live
+
+    def _ended(self, key: Hashable, live: Live) -> None:
+        if self._live.get(key) is live:
+            del self._live[key]
+
+    @staticmethod
+    def _served(resp: ClientResponse, role: str) -> ClientResponse:
         _served[resp] = role
         return resp
 
@@ -205,55 +330,7 @@ class SingleflightMiddleware:
         return await handler(req)
 
     def _key(self, req: ClientRequest) -> Hashable | None:
-        return self._key_or_reason(req)[0]
+        return self._key_or_reason(req, settings(req))[0]
 
-    def _key_or_reason(self, req: ClientRequest) -> tuple[Hashable | None, str]:
-        """``(key, "")`` to coalesce ``req``, or ``(None, why)`` to let it through."""
-        options = self._options
-        method = req.method
-        headers: Any = req.headers.items()
-        reason = bypass_reason(method, headers, methods=options.methods, has_body=has_body(req))
-        if reason is not None:
-            return None, reason
-        # aiohttp decodes Content-Encoding in its parser when the session says so: a decoded
-        # body must never reach a session that expects raw bytes, nor the reverse.
-        extra = _DECODED if req.session.auto_decompress else _RAW
-        url = req.url
-        if url.raw_user or url.raw_password:  # the session moves these to Authorization first
-            key = options.key_for(req, method, str(url), headers, extra)
-        else:
-            # yarl has normalised it already (lower-case scheme and host, no default port, no
-            # fragment), except that a bare "http://host" keeps its empty path.
-            text = str(url)
-            if text.count("/") == 2:
-                text += "/"
-            key = options.key_for(req, method, text, headers, extra, userinfo="")
-        return (None, "key") if key is None else (key, "")
-
-    async def _share(
-        self, req: ClientRequest, resp: ClientResponse
-    ) -> Snapshot | Unshared[ClientResponse]:
-        """Buffer the leader's response into a Snapshot, or keep it for the leader alone."""
-        # A HEAD (or 204/304) response has no body, whatever its Content-Length announces.
-        bodyless = req.method == hdrs.METH_HEAD or resp.status in (204, 304)
-        limit = sys.maxsize if bodyless else self._options.max_body_size
-        if unshareable_reason(resp.raw_headers, max_body_size=limit):
-            return Unshared(resp)  # Set-Cookie, event stream, too large: untouched, unread
-        decoded = req.session.auto_decompress and hdrs.CONTENT_ENCODING in resp.headers
-        if bodyless or (resp.content_length is not None and not decoded):
-            body = await resp.read()  # bounded: unshareable_reason checked Content-Length
-        else:
-            body_or_none = await read_at_most(resp, self._options.max_body_size)
-            if body_or_none is None:
-                return Unshared(resp)  # grew past max_body_size: the rest streams to the leader
-            body = body_or_none
-        version = resp.version
-        http_version = f"HTTP/{version.major}.{version.minor}" if version else "HTTP/1.1"
-        parts = (resp.status, resp.reason or "", http_version, resp.raw_headers, body)
-        if not self._judge_cacheable:
-            return Snapshot(*parts)
-        return Snapshot.build(*parts, request_headers=cast(Any, req.headers.items()))
-
-
-_DECODED: Final = ("decoded",)  # the key's ``extra``: see RequestKey
-_RAW: Final = ("raw",)
+    def _key_or_reason(self, req: ClientRequest, how: Settings) -> tuple[Hashable | None, str]:
+        return request_key(self._options, req, how)

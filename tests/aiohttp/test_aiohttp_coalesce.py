@@ -82,7 +82,7 @@ async def test_follower_response_behaves_like_aiohttps_own(upstream, make_sessio
         assert r.method == "GET" and r.real_url == r.url and r.host == "127.0.0.1"
         assert r.cookies == {}
     assert resp.raw_headers == lead.raw_headers
-    assert await resp.content.read() == await lead.read()  # the stream API works too
+    assert await resp.read() == await lead.read()  # (content's API: test_aiohttp_readers)
     async with resp:
         assert (await resp.json())["hit"] == 1
     # Released, like any aiohttp response: read() says so, text()/json() still answer.

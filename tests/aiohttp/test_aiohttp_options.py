@@ -73,7 +73,8 @@ def test_import_error_names_the_extra():
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
     )
-    assert "pip install singleflight-http[aiohttp]" in out.stdout
+    # Quoted: unquoted brackets are a glob in zsh ("no matches found").
+    assert 'pip install "singleflight-http[aiohttp]"' in out.stdout
 
 
 def test_importing_singleflight_does_not_import_aiohttp():
@@ -82,3 +83,11 @@ def test_importing_singleflight_does_not_import_aiohttp():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+async def test_the_class_itself_as_a_middleware_says_to_pass_an_instance(upstream, make_session):
+    session = make_session(middlewares=(SingleflightMiddleware,))  # the class, not an instance
+    with pytest.raises(TypeError, match=r"middlewares=\(SingleflightMiddleware\(\),\)"):
+        await session.get(upstream.url + "/x")
+    with pytest.raises(TypeError, match="keyword-only"):
+        SingleflightMiddleware(30)  # type: ignore[misc]

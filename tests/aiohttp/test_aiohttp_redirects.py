@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 from _aiohttp_support import bounded, joined
 
@@ -54,3 +55,27 @@ async def test_redirect_without_following(upstream, make_session):
     assert {r.status for r in responses} == {302}
     assert {r.headers["Location"] for r in responses} == {"/x"}
     assert upstream.hits("/nf") == 1 and upstream.hits("/x") == 0
+
+
+@pytest.mark.parametrize("ttl", [None, 60])
+async def test_chunk_traces_fire_as_with_a_plain_session(upstream, make_session, ttl):
+    """on_response_chunk_received fires for the bodies the caller reads, not redirect hops'."""
+
+    async def count(session: aiohttp.ClientSession, seen: list[bytes]) -> bytes:
+        async with session.get(upstream.url + "/hop?redirect=/final%3Fbody%3Dend") as r:
+            return await r.read()
+
+    def traced(seen: list[bytes]) -> aiohttp.TraceConfig:
+        async def on_chunk(session, ctx, params) -> None:
+            seen.append(params.chunk)
+
+        config = aiohttp.TraceConfig()
+        config.on_response_chunk_received.append(on_chunk)
+        return config
+
+    plain_seen: list[bytes] = []
+    wrapped_seen: list[bytes] = []
+    plain = make_session(trace_configs=[traced(plain_seen)])
+    wrapped = make_session(SingleflightMiddleware(ttl=ttl), trace_configs=[traced(wrapped_seen)])
+    assert await count(plain, plain_seen) == await count(wrapped, wrapped_seen) == b"end"
+    assert wrapped_seen == plain_seen == [b"end"]

@@ -7,6 +7,7 @@ import socket
 
 import aiohttp
 import pytest
+from _aiohttp_servers import RawUpstream, serve_raw
 from _aiohttp_support import bounded, joined
 
 from singleflight.aiohttp import SingleflightMiddleware, served
@@ -89,16 +90,19 @@ async def test_body_above_max_body_size_is_not_shared(upstream, make_session):
         assert served(r) == "leader" and len(await r.read()) == 5000
 
 
-async def test_chunked_body_growing_past_max_body_size_streams_to_its_leader(
-    upstream, make_session
-):
-    mw = SingleflightMiddleware(max_body_size=10_000)
+@pytest.mark.parametrize("ttl", [None, 60])
+async def test_chunked_body_growing_past_max_body_size(upstream, make_session, ttl):
+    mw = SingleflightMiddleware(max_body_size=10_000, ttl=ttl)
     session = make_session(mw)
     responses = await _gated(upstream, mw, session, "/grow", "size=50000&chunked=1", 3)
-    assert upstream.hits("/grow") == 3
     expected = (b"0123456789abcdef" * 4000)[:50000]
+    if ttl is None:  # streamed live to the flight's callers: max_body_size bounds late joiners
+        assert upstream.hits("/grow") == 1
+        assert sorted(served(r) for r in responses) == ["follower", "follower", "leader"]
+    else:  # buffered to be stored: past max_body_size each caller streams its own request
+        assert upstream.hits("/grow") == 3
+        assert {served(r) for r in responses} == {"leader"}
     for r in responses:
-        assert served(r) == "leader"
         assert await r.read() == expected  # the bytes read to measure it are not lost
 
 
@@ -131,11 +135,14 @@ async def test_error_mid_body_reaches_every_waiter(upstream, make_session):
     mw = SingleflightMiddleware()
     connector = aiohttp.TCPConnector()
     session = make_session(mw, connector=connector)
-    results = await _gated(upstream, mw, session, "/reset", "reset=100", 5)
+    responses = await _gated(upstream, mw, session, "/reset", "reset=100", 5)
     assert upstream.hits("/reset") == 1
-    assert all(isinstance(r, aiohttp.ClientPayloadError) for r in results)
-    assert mw.stats.errors == 1 and mw.group.in_flight == 0
-    assert len(connector._acquired) == 0
+    for r in responses:  # as plain aiohttp: the error comes where the body is read
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await bounded(r.read())
+    # The flight itself succeeded (its headers came); the body failed for each reader.
+    assert mw.stats.errors == 0 and mw.group.in_flight == 0
+    assert len(connector._acquired) == 0 and not mw._live
 
 
 async def test_connection_refused_reaches_every_waiter(make_session):
@@ -166,3 +173,23 @@ async def test_head_of_a_large_resource_is_still_shared(upstream, make_session):
     assert upstream.hits("/large-head") == 1
     for r in responses:
         assert r.headers["Content-Length"] == "5000" and await r.read() == b""
+
+
+async def test_a_1xx_response_is_never_shared():
+    # 101 Switching Protocols to a plain GET: the response belongs to its own connection.
+    raw = RawUpstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: chat\r\nConnection: Upgrade\r\n\r\n",
+        gated=True,
+    )
+    mw = SingleflightMiddleware()
+    async with serve_raw(raw) as base, aiohttp.ClientSession(middlewares=(mw,)) as s:
+        first = asyncio.create_task(s.get(base + "/ws"))
+        await bounded(raw.arrived.wait())
+        second = asyncio.create_task(s.get(base + "/ws"))
+        await joined(mw, 1)
+        raw.gate.set()
+        responses = await bounded(asyncio.gather(first, second))
+        assert [(r.status, served(r)) for r in responses] == [(101, "leader"), (101, "leader")]
+        for r in responses:
+            r.close()
+    assert raw.hits == 2  # the follower made its own request
