@@ -130,6 +130,7 @@ class Verdict:
     expected: int = 0  # failures the list expects
     unexpected: list[tuple[str, str]] = field(default_factory=list)  # (nodeid, message)
     fixed: list[Entry] = field(default_factory=list)  # listed, but every match passed
+    flaky: list[tuple[str, str]] = field(default_factory=list)  # failed, then passed alone
     stats: dict[str, object] = field(default_factory=dict)
 
 
@@ -294,7 +295,8 @@ def run_suite(
 
 
 def print_table(verdicts: list[Verdict]) -> None:
-    head = ("suite", "mode", "run", "passed", "expected diff", "unexpected", "fixed", "skipped")
+    head = ("suite", "mode", "run", "passed", "expected diff", "unexpected", "fixed", "flaky")
+    head += ("skipped",)
     rows = [head] + [
         (
             v.suite,
@@ -304,13 +306,14 @@ def print_table(verdicts: list[Verdict]) -> None:
             str(v.expected),
             str(len(v.unexpected)),
             str(len(v.fixed)),
+            str(len(v.flaky)),
             str(v.skipped),
         )
         for v in verdicts
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for row in rows:
-        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+        print(("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))).rstrip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,7 +373,26 @@ def main(argv: list[str] | None = None) -> int:
             )
             if mode == "default":
                 touched = list(report["touched"])  # type: ignore[call-overload]
-            verdicts.append(_verdict(name, mode, report, entries))
+            verdict = _verdict(name, mode, report, entries)
+            if verdict.unexpected and mode != "plain":
+                # Once more, alone: a failure that passes then is flaky (timing on a loaded
+                # machine), printed as such; one that fails again fails CI.
+                again = run_suite(
+                    py,
+                    name,
+                    mode,
+                    where,
+                    work / f"{name}-{mode}-again.json",
+                    entries,
+                    [nodeid for nodeid, _ in verdict.unexpected],
+                    opts.pytest_args,
+                )
+                outcomes: dict[str, list[str]] = again["outcomes"]  # type: ignore[assignment]
+                for nodeid, message in list(verdict.unexpected):
+                    if outcomes.get(nodeid, [""])[0] == "passed":
+                        verdict.unexpected.remove((nodeid, message))
+                        verdict.flaky.append((nodeid, message))
+            verdicts.append(verdict)
     return summarize(verdicts, entries)
 
 
@@ -397,6 +419,12 @@ def summarize(verdicts: list[Verdict], entries: list[Entry]) -> int:
         for nodeid, message in verdict.unexpected:
             failed = True
             print(f"UNEXPECTED {verdict.suite} [{verdict.mode}] {nodeid}: {message}")
+    for verdict in verdicts:
+        for nodeid, message in verdict.flaky:
+            print(
+                f"FLAKY {verdict.suite} [{verdict.mode}] {nodeid}: failed, then passed alone: "
+                f"{message}"
+            )
     for verdict in verdicts:
         for entry in verdict.fixed:
             print(

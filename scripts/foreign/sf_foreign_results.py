@@ -6,13 +6,10 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 __all__ = ("STATS", "touch")
 
@@ -32,18 +29,6 @@ def touch() -> None:
 
 def pytest_runtest_logstart(nodeid: str, location: Any) -> None:
     _current[0] = nodeid
-
-
-@pytest.hookimpl(hookwrapper=True, trylast=True)
-def pytest_runtest_teardown(item: Any) -> Any:
-    """Collect garbage while a test that wrapped a client is still the current one.
-
-    An unclosed connection or response then fails the test that leaked it (pytest reports
-    unraisable ResourceWarnings per phase), not whichever later test happens to collect it.
-    """
-    yield
-    if item.nodeid in _touched:
-        gc.collect()
 
 
 def pytest_runtest_logfinish(nodeid: str, location: Any) -> None:
