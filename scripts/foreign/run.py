@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 MODES = ("default", "ttl", "follower")
 SUITES = ("httpx", "aiohttp")
-PER_TEST_TIMEOUT = 15  # pytest-timeout: a hang fails that test, fast
+PER_TEST_TIMEOUT = 10  # pytest-timeout: a hang fails that test, fast
 PER_RUN_TIMEOUT = 600  # one suite in one mode; the whole job stays well under CI's limit
 
 # What each suite runs, relative to its unpacked sdist, and its own pytest options.

@@ -84,8 +84,11 @@ def _forcer(middleware: SingleflightMiddleware) -> Any:
     """Outside ours: a GET/HEAD is preceded by a decoy, an identical request of the same session.
 
     The decoy is a request of its own (its own ClientRequest, timer and connection, one hop:
-    allow_redirects=False), as a concurrent caller's would be; it passes this middleware
-    untouched and leads the flight, so the suite's request joins it as a follower.
+    allow_redirects=False), as a concurrent caller's would be. It carries the headers the
+    session's middlewares already set and passes only ours and the gate, so those middlewares
+    and raise_for_status see the suite's request alone. It leads the flight, so the suite's
+    request joins it as a follower. Per-request parser limits (max_line_size...) and timeouts
+    are not on the ClientRequest: the decoy has the session's.
     """
 
     async def force(req: aiohttp.ClientRequest, handler: Any) -> aiohttp.ClientResponse:
@@ -101,6 +104,8 @@ def _forcer(middleware: SingleflightMiddleware) -> Any:
                     req.url,
                     headers=req.headers,
                     allow_redirects=False,
+                    raise_for_status=False,  # the session's callback sees the suite's only
+                    middlewares=(middleware, _gate),  # not the session's own: they saw req
                     ssl=req.ssl,
                     server_hostname=req.server_hostname,
                     proxy=req.proxy,
