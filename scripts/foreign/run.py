@@ -10,12 +10,13 @@
 # 2. Builds .venvs/foreign: those exact versions, the suites' test requirements
 #    (scripts/foreign/requirements.txt) and this checkout (editable). Rebuilt only when the
 #    versions or the requirements change.
-# 3. Downloads each version's sdist from PyPI (it ships the tests; cached in .venvs/foreign),
-#    unpacks only its tests and pytest config, and runs them with the plugins of this folder:
-#    every httpx.Client/AsyncClient transport and mount, every aiohttp.ClientSession, goes
-#    through singleflight; SF_FOREIGN_MODE picks default, ttl=30 or follower (each request of
-#    the suite is served as a follower of an identical decoy). aiohttp's ttl and follower runs
-#    keep to the tests that made a ClientSession in the default run: no other test can differ.
+# 3. Downloads each version's sdist from PyPI (it ships the tests; cached in
+#    .venvs/foreign-sdists), unpacks only its tests and pytest config, and runs them with the
+#    plugins of this folder: every httpx.Client/AsyncClient transport and mount, and every
+#    aiohttp.ClientSession, goes through singleflight. SF_FOREIGN_MODE picks default, ttl=30 or
+#    follower (each request of the suite is served as a follower of an identical decoy).
+#    aiohttp's ttl and follower runs keep to the tests that made a ClientSession in the
+#    default run: no other test can differ.
 # 4. Compares the outcomes with scripts/foreign/expected.txt: a failure not listed there fails
 #    this script; a listed difference that now passes is printed under FIXED (remove it).
 # The suites talk only to their own loopback servers; tests that need the internet are
@@ -355,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
 
     verdicts: list[Verdict] = []
     for name in suites:
-        where = fetch_tests(py, name, versions[name], venv / "sdists", work / "src")
+        sdists = Path(opts.venv) / "foreign-sdists"
+        where = fetch_tests(py, name, versions[name], sdists, work / "src")
         touched: list[str] | None = None
         for mode in modes:
             only = touched if name == "aiohttp" and mode in ("ttl", "follower") else None
