@@ -1,0 +1,1 @@
+"""Tests of scripts/foreign: the runner of httpx's and aiohttp's own suites."""
