@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import math
+import os
+import secrets
 import sys
+import weakref
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -22,6 +26,7 @@ import httpx
 
 from singleflight._group import Group, Role, Stats, Unshared
 from singleflight._http import (
+    ClientClosed,
     Deadline,
     HTTPOptions,
     Progress,
@@ -44,7 +49,7 @@ Value: TypeAlias = "Snapshot | Unshared[httpx.Response]"
 class Policy:
     """What both transports share: options, the Group, the key and the response builders."""
 
-    __slots__ = ("bypasses", "caching", "group", "options", "rejoins")
+    __slots__ = ("bypasses", "caching", "extra", "group", "options", "rejoins")
 
     def __init__(
         self,
@@ -57,7 +62,10 @@ class Policy:
         max_body_size: int,
         group: Group[Any] | None,
         tier: Any,
+        identity: str,
     ) -> None:
+        # The key's adapter facts: raw bodies, and who sends (sender_identity).
+        self.extra: tuple[Hashable, ...] = (*_BODY, identity)
         self.options = HTTPOptions.build(
             methods=methods,
             ttl=ttl,
@@ -112,15 +120,21 @@ class Policy:
             netloc = netloc.rpartition(":")[0]  # "HTTPS://h:443" keeps its port in httpx
         normal = f"{url.scheme}://{netloc}{url.raw_path.decode('ascii')}"
         userinfo = url.userinfo.decode("ascii")
-        key = self.options.key_for(request, request.method, normal, raw, _BODY, userinfo=userinfo)
+        extra = self.extra
+        sni = request.extensions.get("sni_hostname")
+        if sni is not None:  # the TLS name sent and checked: who the server sees us ask for
+            extra = (*extra, ("sni", sni))
+        key = self.options.key_for(request, request.method, normal, raw, extra, userinfo=userinfo)
         return (None, "key") if key is None else (key, "")
 
     def unshared(self, request: httpx.Request, response: httpx.Response) -> bool:
-        """True if ``response`` goes to its leader only (Set-Cookie, event stream, too big)."""
+        """True if ``response`` goes to its leader only (1xx, Set-Cookie, event stream, too big)."""
+        status = response.status_code
         # A HEAD (or 204/304) response has no body, whatever its Content-Length announces.
-        bodyless = request.method == "HEAD" or response.status_code in (204, 304)
+        bodyless = request.method == "HEAD" or status in (204, 304)
         limit = sys.maxsize if bodyless else self.options.max_body_size
-        return unshareable_reason(response.headers.raw, max_body_size=limit) is not None
+        reason = unshareable_reason(response.headers.raw, max_body_size=limit, status=status)
+        return reason is not None
 
     def snapshot(self, request: httpx.Request, response: httpx.Response, body: bytes) -> Snapshot:
         status, reason = response.status_code, response.reason_phrase
@@ -207,9 +221,11 @@ class Policy:
                 # Not silent for a whole read timeout: the flight goes on, and we rejoin it.
                 self.rejoins += 1
 
-    def failed(self, exc: _E, request: httpx.Request, ran: bool) -> _E:
+    def failed(self, exc: BaseException, request: httpx.Request, ran: bool) -> BaseException:
         """Note a request that ended in ``exc``; return the exception its caller gets."""
         note_call("leader" if ran else "follower", what="request")
+        if ran and isinstance(exc, ClientClosed) and exc.__cause__ is not None:
+            return exc.__cause__  # its followers went on without it; it gets its own error
         return exc if ran else fresh_error(exc, request)
 
     def deliver(self, request: httpx.Request, value: Any, role: str) -> httpx.Response:
@@ -241,6 +257,36 @@ class Policy:
                 extensions={**response.extensions, "singleflight": "leader"},
             )
         )
+
+
+_DEFAULT_TLS_ENV: Final = ("SSL_CERT_FILE", "SSL_CERT_DIR")
+_IDENTITIES: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def sender_identity(inner: object, built: bool) -> str:
+    """Who the server sees and what the caller checks, as decided by the inner transport.
+
+    ``built``: the wrapper made ``inner`` itself (``httpx.[Async]HTTPTransport()``), so it is
+    known in full: the default TLS checks against the default CA store (``SSL_CERT_FILE`` /
+    ``SSL_CERT_DIR`` when set), no client certificate, no proxy. Such transports share flights,
+    also across processes (a Redis tier). Any other inner transport may hold a client
+    certificate, its own CA or ``verify=False``, a proxy, a local address or a mock, and
+    ``ssl.SSLContext`` cannot tell us which: it gets a token of its own, so only wrappers of the
+    very same inner transport share flights and cache entries.
+    """
+    if built:
+        env = [os.environ.get(name, "") for name in _DEFAULT_TLS_ENV]
+        if not any(env):
+            return "httpx"
+        digest = hashlib.blake2b("\n".join(env).encode("utf-8", "surrogateescape"), digest_size=8)
+        return f"httpx:{digest.hexdigest()}"
+    try:
+        token = _IDENTITIES.get(inner)
+    except TypeError:  # not weak-referenceable: this wrapper alone
+        return f"transport:{secrets.token_hex(8)}"
+    if token is None:
+        token = _IDENTITIES.setdefault(inner, f"transport:{secrets.token_hex(8)}")
+    return token
 
 
 def fresh_error(exc: _E, request: httpx.Request) -> _E:

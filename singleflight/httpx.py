@@ -20,7 +20,9 @@ from singleflight._http import (
     DEFAULT_IGNORE_HEADERS,
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_METHODS,
+    ClientClosed,
     Progress,
+    http_group,
     progress_of,
 )
 from singleflight._httpx import (
@@ -29,16 +31,23 @@ from singleflight._httpx import (
     Value,
     in_flight,
     read_timeout,
+    sender_identity,
     waited_too_long,
 )
 
-__all__ = ("DEFAULT_IGNORE_HEADERS", "AsyncSingleflightTransport", "SingleflightTransport")
+__all__ = (
+    "DEFAULT_IGNORE_HEADERS",
+    "AsyncSingleflightTransport",
+    "SingleflightTransport",
+    "http_group",
+)
 
 
 class _Shared:
     """The read-only surface both transports share."""
 
     _policy: Policy
+    _closed = False  # set before the inner transport closes: a leader's error is then its own
 
     @property
     def group(self) -> Group[Any]:
@@ -88,8 +97,9 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
                 f"inner must be an httpx.AsyncBaseTransport, got {type(inner).__name__}; "
                 "pass e.g. httpx.AsyncHTTPTransport() (use SingleflightTransport for a sync one)"
             )
+        identity = sender_identity(inner, built=inner is None)
         self._policy = Policy(
-            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier
+            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier, identity
         )
         self._inner = inner if inner is not None else httpx.AsyncHTTPTransport()
 
@@ -133,11 +143,23 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
             fresh = policy.failed(exc, request, ran)
             if fresh is exc:
                 raise
-            raise fresh from exc
-        return policy.deliver(request, value, role)
+            if fresh is not exc.__cause__:
+                raise fresh from exc
+            own = fresh  # a closed client's leader: its own error, raised below, unchained
+        else:
+            return policy.deliver(request, value, role)
+        raise own
 
     async def _fetch(self, request: httpx.Request, progress: Progress) -> Value:
         """The leader's work: send, then buffer the raw body into a Snapshot (or don't)."""
+        try:
+            return await self._fetch_open(request, progress)
+        except Exception as exc:
+            if self._closed:  # our client closed under us: only our own attempt ends
+                raise ClientClosed("the leader's client was closed") from exc
+            raise
+
+    async def _fetch_open(self, request: httpx.Request, progress: Progress) -> Value:
         policy = self._policy
         progress.start()  # each step tells waiting followers the request is not silent
         response = await self._inner.handle_async_request(request)
@@ -169,6 +191,7 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         """Close the inner transport."""
+        self._closed = True
         await self._inner.aclose()
 
     async def __aenter__(self) -> AsyncSingleflightTransport:
@@ -181,6 +204,7 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
         exc_value: BaseException | None = None,
         traceback: TracebackType | None = None,
     ) -> None:
+        self._closed = True
         await self._inner.__aexit__(exc_type, exc_value, traceback)
 
 
@@ -210,9 +234,16 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
                 f"inner must be an httpx.BaseTransport, got {type(inner).__name__}; pass e.g. "
                 "httpx.HTTPTransport() (use AsyncSingleflightTransport for an async one)"
             )
+        identity = sender_identity(inner, built=inner is None)
         self._policy = Policy(
-            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, None
+            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, None, identity
         )
+        if self._policy.group.tier is not None:
+            raise ValueError(
+                "group= has a tier, which serves async work only: SingleflightTransport cannot "
+                "use it; use AsyncSingleflightTransport(tier=...), or a group built without "
+                "tier= (http_group(ttl=...))"
+            )
         self._inner = inner if inner is not None else httpx.HTTPTransport()
 
     @property
@@ -247,11 +278,23 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
                 raise waited_too_long(request, budget or 0.0) from exc
             if fresh is exc:
                 raise
-            raise fresh from exc
-        return policy.deliver(request, value, role)
+            if fresh is not exc.__cause__:
+                raise fresh from exc
+            own = fresh  # a closed client's leader: its own error, raised below, unchained
+        else:
+            return policy.deliver(request, value, role)
+        raise own
 
     def _fetch(self, request: httpx.Request, progress: Progress) -> Value:
         """The leader's work: send, then buffer the raw body into a Snapshot (or don't)."""
+        try:
+            return self._fetch_open(request, progress)
+        except Exception as exc:
+            if self._closed:  # our client closed under us: only our own attempt ends
+                raise ClientClosed("the leader's client was closed") from exc
+            raise
+
+    def _fetch_open(self, request: httpx.Request, progress: Progress) -> Value:
         policy = self._policy
         progress.start()
         response = self._inner.handle_request(request)
@@ -281,6 +324,7 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
 
     def close(self) -> None:
         """Close the inner transport."""
+        self._closed = True
         self._inner.close()
 
     def __enter__(self) -> SingleflightTransport:
@@ -293,4 +337,5 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         exc_value: BaseException | None = None,
         traceback: TracebackType | None = None,
     ) -> None:
+        self._closed = True
         self._inner.__exit__(exc_type, exc_value, traceback)

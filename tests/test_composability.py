@@ -406,7 +406,7 @@ async def test_wrapped_mounts_share_one_group():
         shared = AsyncSingleflightTransport()
 
         def wrapped() -> AsyncSingleflightTransport:
-            return AsyncSingleflightTransport(httpx.AsyncHTTPTransport(), group=shared.group)
+            return AsyncSingleflightTransport(group=shared.group)  # default sender: shares
 
         first = httpx.AsyncClient(transport=shared, mounts={two.url: wrapped()})
         second = httpx.AsyncClient(mounts={one.url: wrapped(), two.url: wrapped()})

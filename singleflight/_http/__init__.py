@@ -25,11 +25,12 @@ from .key import (
     normalise_url as normalise_url,
     request_key as request_key,
 )
-from .options import HTTPOptions as HTTPOptions
+from .options import HTTPOptions as HTTPOptions, http_group as http_group
 from .rules import (
     CACHEABLE_STATUSES as CACHEABLE_STATUSES,
     DEFAULT_MAX_BODY_SIZE as DEFAULT_MAX_BODY_SIZE,
     DEFAULT_METHODS as DEFAULT_METHODS,
+    ClientClosed as ClientClosed,
     bypass_reason as bypass_reason,
     is_cacheable as is_cacheable,
     unshareable_reason as unshareable_reason,
@@ -48,6 +49,7 @@ __all__ = (
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_METHODS",
     "SNAPSHOT_CODEC",
+    "ClientClosed",
     "Deadline",
     "HTTPOptions",
     "HeaderFilter",
@@ -57,6 +59,7 @@ __all__ = (
     "Snapshot",
     "SnapshotCodec",
     "bypass_reason",
+    "http_group",
     "is_cacheable",
     "key_from_parts",
     "normalise_url",
