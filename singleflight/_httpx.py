@@ -1,38 +1,29 @@
-"""Internals of singleflight.httpx: the httpx side of the policy, deadlines, stream plumbing."""
+"""The httpx side of the policy: a Request's key, a response's Snapshot, each caller's Response."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
-import math
 import os
 import secrets
 import sys
 import weakref
 from collections.abc import (
-    AsyncIterator,
-    Awaitable,
     Callable,
     Hashable,
     Iterable,
-    Iterator,
     MutableMapping,
 )
 from typing import Any, Final, TypeAlias, TypeVar
 
-import anyio
 import httpx
 
-from singleflight._group import Group, Role, Stats, Unshared
+from singleflight._group import Group, Stats, Unshared
 from singleflight._http import (
     ClientClosed,
-    Deadline,
     HTTPOptions,
-    Progress,
     Snapshot,
     bypass_reason,
-    progress_of,
     unshareable_reason,
 )
 from singleflight._observe import note_call
@@ -165,62 +156,6 @@ class Policy:
             request_headers=request.headers.raw,
         )
 
-    async def follow(
-        self,
-        request: httpx.Request,
-        key: Hashable,
-        fetch: Callable[[], Awaitable[Value]],
-        budget: float,
-        armed: list[Any],
-    ) -> tuple[Value, Role]:
-        """Follow the flight of ``key`` until it has been silent for ``budget`` seconds.
-
-        Then ``httpx.ReadTimeout``, bound to ``request``. The deadline goes into ``armed`` for
-        ``fetch`` to disarm should this caller be handed the lead.
-        """
-        progress = progress_of(self.group, key)
-        if on_asyncio():
-            # A timer handle, not anyio.CancelScope: ten times cheaper (bench_httpx.py).
-            deadline = Deadline(budget, progress)
-            armed.append(deadline)
-            try:
-                return await self.group.do_with_role(key, fetch)
-            except asyncio.CancelledError:
-                if not deadline.expired():
-                    raise
-                raise waited_too_long(request, budget) from None
-            finally:
-                deadline.deadline = math.inf
-        while True:  # trio: a cancel scope per read timeout; rejoin while the response moves
-            mark = progress.mark()
-            with anyio.CancelScope(deadline=anyio.current_time() + budget) as scope:
-                armed[:] = [scope]
-                result = await self.group.do_with_role(key, fetch)
-            if not scope.cancelled_caught:
-                return result
-            if progress.mark() == mark:
-                raise waited_too_long(request, budget)
-            self.rejoins += 1
-
-    def follow_sync(
-        self,
-        key: Hashable,
-        fetch: Callable[[], Value],
-        budget: float | None,
-        progress: Progress,
-        ran: Callable[[], bool],
-    ) -> tuple[Value, Role]:
-        """``do_sync_bounded`` for a thread; a follower rejoins while the response moves."""
-        while True:
-            mark = progress.mark()
-            try:
-                return self.group.do_sync_bounded(budget, key, fetch)
-            except TimeoutError:
-                if ran() or progress.mark() == mark:
-                    raise
-                # Not silent for a whole read timeout: the flight goes on, and we rejoin it.
-                self.rejoins += 1
-
     def failed(self, exc: BaseException, request: httpx.Request, ran: bool) -> BaseException:
         """Note a request that ended in ``exc``; return the exception its caller gets."""
         note_call("leader" if ran else "follower", what="request")
@@ -302,54 +237,3 @@ def fresh_error(exc: _E, request: httpx.Request) -> _E:
             return exc
         return new
     return exc
-
-
-def read_timeout(request: httpx.Request) -> float | None:
-    timeout = request.extensions.get("timeout")
-    if isinstance(timeout, dict):
-        read = timeout.get("read")
-        return float(read) if isinstance(read, (int, float)) else None
-    return None
-
-
-def in_flight(group: Group[Any], key: Hashable) -> bool:
-    """Is ``key`` in flight now? A hint (the answer may change at once); True if unknown."""
-    return key in group
-
-
-def on_asyncio() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # trio (httpx runs on it through anyio)
-        return False
-    return True
-
-
-def waited_too_long(request: httpx.Request, budget: float) -> httpx.ReadTimeout:
-    return httpx.ReadTimeout(
-        f"waited {budget}s (this request's read timeout) for an identical request in flight",
-        request=request,
-    )
-
-
-class Rest(httpx.AsyncByteStream, httpx.SyncByteStream):
-    """The chunks read so far, then the rest of the upstream body, which closing closes."""
-
-    def __init__(self, head: list[bytes], rest: Any, upstream: httpx.Response) -> None:
-        self._head, self._rest, self._upstream = head, rest, upstream
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self._head:
-            yield chunk
-        async for chunk in self._rest:
-            yield chunk
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self._head
-        yield from self._rest
-
-    async def aclose(self) -> None:
-        await self._upstream.aclose()
-
-    def close(self) -> None:
-        self._upstream.close()
