@@ -24,14 +24,17 @@ from singleflight._http import (
     HTTPOptions,
     Snapshot,
     bypass_reason,
+    invalidated_urls,
     unshareable_reason,
 )
+from singleflight._http.invalidation import Ticket, flights_of, invalidate
 from singleflight._observe import note_call
 
 __all__ = ()
 
 _E = TypeVar("_E", bound=BaseException)
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_READS: Final = frozenset({"GET", "HEAD"})
 _BODY: Final = ("raw",)  # httpx shares bodies as received: content-encoding untouched
 # A leader's value: a Snapshot to share, or its own live response (Unshared: never buffered).
 Value: TypeAlias = "Snapshot | Unshared[httpx.Response]"
@@ -128,13 +131,17 @@ class Policy:
         return reason is not None
 
     def snapshot(self, request: httpx.Request, response: httpx.Response, body: bytes) -> Snapshot:
+        """The shared copy of ``response``: its raw body, and extensions any caller may see."""
         status, reason = response.status_code, response.reason_phrase
         version = response.http_version
+        shared = shared_extensions(response)
         if not self.caching:  # httpx's raw headers are already (bytes, bytes) pairs
-            return Snapshot(status, reason, version, tuple(response.headers.raw), body)
-        return Snapshot.build(
+            headers = tuple(response.headers.raw)
+            return Snapshot(status, reason, version, headers, body, extensions=shared)
+        snap = Snapshot.build(
             status, reason, version, response.headers.raw, body, request_headers=request.headers.raw
         )
+        return dataclasses.replace(snap, extensions=shared)
 
     def decoded(self, request: httpx.Request, response: httpx.Response) -> Snapshot:
         """A Snapshot of a response whose one-shot stream another wrapper already read.
@@ -147,7 +154,7 @@ class Policy:
         headers = [(k, v) for k, v in response.headers.raw if k.lower() not in drop]
         headers.append((b"Content-Length", str(len(content)).encode("ascii")))
         status, reason = response.status_code, response.reason_phrase
-        return Snapshot.build(
+        snap = Snapshot.build(
             status,
             reason,
             response.http_version,
@@ -155,6 +162,7 @@ class Policy:
             content,
             request_headers=request.headers.raw,
         )
+        return dataclasses.replace(snap, extensions=shared_extensions(response))
 
     def failed(self, exc: BaseException, request: httpx.Request, ran: bool) -> BaseException:
         """Note a request that ended in ``exc``; return the exception its caller gets."""
@@ -163,24 +171,65 @@ class Policy:
             return exc.__cause__  # its followers went on without it; it gets its own error
         return exc if ran else fresh_error(exc, request)
 
-    def deliver(self, request: httpx.Request, value: Any, role: str) -> httpx.Response:
-        """Each caller's own Response: a fresh one built from a Snapshot, or its own live one."""
+    def deliver(
+        self,
+        request: httpx.Request,
+        value: Any,
+        role: str,
+        own: dict[str, Any] | None = None,
+    ) -> httpx.Response:
+        """Each caller's own Response: a fresh one built from a Snapshot, or its own live one.
+
+        ``own``: the extensions of the response this caller received itself (its leader's
+        work ran), kept whole, ``network_stream`` included; other callers get the Snapshot's.
+        """
         note_call(role, what="request")
         if isinstance(value, httpx.Response):
             value.extensions["singleflight"] = role
             return value
         snap: Snapshot = value
+        extensions = {
+            **snap.extensions,
+            "http_version": snap.http_version.encode("ascii"),
+            "reason_phrase": snap.reason.encode("ascii", "replace"),
+        }
+        if own:
+            extensions.update(own)
+        extensions["singleflight"] = role
         return httpx.Response(
             snap.status,
             headers=list(snap.headers),
             stream=httpx.ByteStream(snap.body),  # the bytes are shared, never copied
-            extensions={
-                "http_version": snap.http_version.encode("ascii"),
-                "reason_phrase": snap.reason.encode("ascii", "replace"),
-                "singleflight": role,
-            },
+            extensions=extensions,
             request=request,
         )
+
+    def wrote(self, request: httpx.Request, response: httpx.Response) -> None:
+        """A request went straight through: if it wrote, drop the cached reads it changed.
+
+        RFC 9111 §4.4 (``invalidated_urls``): the target URL, its ``Location`` and
+        ``Content-Location``, for every transport sharing the group.
+        """
+        if self.caching and request.method not in _READS:
+            url = str(request.url)
+            urls = invalidated_urls(request.method, response.status_code, url, response.headers.raw)
+            invalidate(self.group, urls)
+
+    def ticket(self, key: Hashable) -> Ticket | None:
+        """A leader's ticket for its flight of ``key``: a write meanwhile makes it stale."""
+        return flights_of(self.group).start(key) if self.caching else None
+
+    def end(self, key: Hashable, ticket: Ticket | None) -> None:
+        """The leader's flight of ``key`` is over: a write can no longer reach it."""
+        if ticket is not None:
+            flights_of(self.group).end(key, ticket)
+
+    @staticmethod
+    def landed(ticket: Ticket | None, value: Value) -> Value:
+        """The leader's value as the Group may store it: never if a write landed meanwhile."""
+        if ticket is not None and ticket.stale and isinstance(value, Snapshot) and value.cacheable:
+            return dataclasses.replace(value, cacheable=False)  # its callers still get it
+        return value
 
     def oversized(self, response: httpx.Response, stream: Any) -> Unshared[httpx.Response]:
         """The leader's response whose body outgrew ``max_body_size``: stream the rest."""
@@ -222,6 +271,19 @@ def sender_identity(inner: object, built: bool) -> str:
     if token is None:
         token = _IDENTITIES.setdefault(inner, f"transport:{secrets.token_hex(8)}")
     return token
+
+
+_LEADER_ONLY: Final = frozenset({"network_stream", "singleflight"})
+
+
+def shared_extensions(response: httpx.Response) -> dict[str, Any]:
+    """The response's extensions any caller may get: all but the leader's ``network_stream``.
+
+    The connection's stream (``get_extra_info("server_addr")``, ``ssl_object``, an upgrade's
+    socket) belongs to the leader's own request; the rest (``http_version``,
+    ``reason_phrase``, a wrapped transport's own, e.g. hishel's) describe the response.
+    """
+    return {k: v for k, v in response.extensions.items() if k not in _LEADER_ONLY}
 
 
 def fresh_error(exc: _E, request: httpx.Request) -> _E:

@@ -40,17 +40,20 @@ class AsyncSender:
         key, reason = policy.key_or_reason(request)
         if key is None:
             policy.bypassed(reason)
-            return await self.inner.handle_async_request(request)
+            response = await self.inner.handle_async_request(request)
+            policy.wrote(request, response)
+            return response
         budget = read_timeout(request)
         ran = False
         armed: list[Any] = []  # this caller's deadline while it follows: disarmed if it leads
+        mine: dict[str, Any] = {}  # the extensions of the response this caller received itself
 
         async def fetch() -> Value:
             nonlocal ran
             ran = True
             for deadline in armed:  # leading now: httpcore enforces our own timeouts
                 deadline.deadline = math.inf
-            return await self._lead(request, progress_of(policy.group, key))
+            return await self._lead(request, key, progress_of(policy.group, key), mine)
 
         try:
             if budget is None or not in_flight(policy.group, key):
@@ -73,22 +76,31 @@ class AsyncSender:
                 raise fresh from exc
             own = fresh  # a closed client's leader: its own error, raised below, unchained
         else:
-            return policy.deliver(request, value, role)
+            return policy.deliver(request, value, role, mine)
         raise own
 
-    async def _lead(self, request: httpx.Request, progress: Progress) -> Value:
+    async def _lead(
+        self, request: httpx.Request, key: Hashable, progress: Progress, mine: dict[str, Any]
+    ) -> Value:
         """The leader's work: send, then buffer the raw body into a Snapshot (or don't)."""
+        ticket = self.policy.ticket(key)  # None unless the group caches
         try:
-            return await self._read(request, progress)
+            value = await self._read(request, progress, mine)
         except Exception as exc:
             if self.closed:  # our client closed under us: only our own attempt ends
                 raise ClientClosed("the leader's client was closed") from exc
             raise
+        finally:
+            self.policy.end(key, ticket)
+        return self.policy.landed(ticket, value)
 
-    async def _read(self, request: httpx.Request, progress: Progress) -> Value:
+    async def _read(
+        self, request: httpx.Request, progress: Progress, mine: dict[str, Any]
+    ) -> Value:
         policy = self.policy
         progress.start()  # each step tells waiting followers the request is not silent
         response = await self.inner.handle_async_request(request)
+        mine.update(response.extensions)  # this caller's own response: every extension kept
         progress.advance()
         kept = False  # True once the live response is handed on, still open
         try:
@@ -169,14 +181,17 @@ class SyncSender:
         key, reason = policy.key_or_reason(request)
         if key is None:
             policy.bypassed(reason)
-            return self.inner.handle_request(request)
+            response = self.inner.handle_request(request)
+            policy.wrote(request, response)
+            return response
         ran = False
         progress = progress_of(policy.group, key)
+        mine: dict[str, Any] = {}  # the extensions of the response this caller received itself
 
         def fetch() -> Value:
             nonlocal ran
             ran = True
-            return self._lead(request, progress)
+            return self._lead(request, key, progress, mine)
 
         budget = read_timeout(request)  # a follower keeps its own, as on the async side
         try:
@@ -194,22 +209,29 @@ class SyncSender:
                 raise fresh from exc
             own = fresh  # a closed client's leader: its own error, raised below, unchained
         else:
-            return policy.deliver(request, value, role)
+            return policy.deliver(request, value, role, mine)
         raise own
 
-    def _lead(self, request: httpx.Request, progress: Progress) -> Value:
+    def _lead(
+        self, request: httpx.Request, key: Hashable, progress: Progress, mine: dict[str, Any]
+    ) -> Value:
         """The leader's work: send, then buffer the raw body into a Snapshot (or don't)."""
+        ticket = self.policy.ticket(key)  # None unless the group caches
         try:
-            return self._read(request, progress)
+            value = self._read(request, progress, mine)
         except Exception as exc:
             if self.closed:  # our client closed under us: only our own attempt ends
                 raise ClientClosed("the leader's client was closed") from exc
             raise
+        finally:
+            self.policy.end(key, ticket)
+        return self.policy.landed(ticket, value)
 
-    def _read(self, request: httpx.Request, progress: Progress) -> Value:
+    def _read(self, request: httpx.Request, progress: Progress, mine: dict[str, Any]) -> Value:
         policy = self.policy
         progress.start()
         response = self.inner.handle_request(request)
+        mine.update(response.extensions)
         progress.advance()
         kept = False
         try:

@@ -10,9 +10,10 @@ one Redis tier) agree on what is the same request and what may be shared:
     Snapshot --is_cacheable()-------> may the TTL layer / Redis tier keep it?
 
 One concept a module: ``key`` (what separates callers), ``rules`` (bypass / never shared /
-cacheable), ``snapshot`` (the shared response and its codec), ``options`` (checked adapter
-options and their Group), ``timing`` (a follower's own read timeout); ``headers`` holds the
-header-pair helpers they all read with.
+cacheable, which URLs a write invalidates), ``snapshot`` (the shared response and its codec),
+``options`` (checked adapter options and their Group), ``timing`` (a follower's own read
+timeout), ``invalidation`` (a write drops a group's cached reads of the URLs it changed);
+``headers`` holds the header-pair helpers they all read with.
 """
 
 from .headers import HeaderPairs as HeaderPairs
@@ -32,6 +33,7 @@ from .rules import (
     DEFAULT_METHODS as DEFAULT_METHODS,
     ClientClosed as ClientClosed,
     bypass_reason as bypass_reason,
+    invalidated_urls as invalidated_urls,
     is_cacheable as is_cacheable,
     unshareable_reason as unshareable_reason,
 )
@@ -60,6 +62,7 @@ __all__ = (
     "SnapshotCodec",
     "bypass_reason",
     "http_group",
+    "invalidated_urls",
     "is_cacheable",
     "key_from_parts",
     "normalise_url",

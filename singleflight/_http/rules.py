@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from typing import Final
+from urllib.parse import urljoin, urlsplit
 
 from .headers import HeaderPairs, _lower, _text
+from .key import normalise_url
 
 __all__ = (
     "CACHEABLE_STATUSES",
@@ -13,6 +15,7 @@ __all__ = (
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_METHODS",
     "bypass_reason",
+    "invalidated_urls",
     "is_cacheable",
     "unshareable_reason",
 )
@@ -145,3 +148,30 @@ class ClientClosed(Exception):
     original error; every HTTP Group re-elects on it, so one follower makes the request afresh
     and the other clients' callers never see the closed client's error.
     """
+
+
+_SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_LOCATIONS: Final = frozenset({"location", "content-location"})
+
+
+def invalidated_urls(
+    method: str, status: int, url: str, response_headers: HeaderPairs
+) -> tuple[str, ...]:
+    """invalidated_urls lists the normalised URLs whose cached GET/HEAD responses a write ends.
+
+    RFC 9111 §4.4: a non-error response (2xx, 3xx) to an unsafe method (PUT, POST, DELETE,
+    PATCH, anything but GET/HEAD/OPTIONS/TRACE) invalidates the target URL, and the URLs in its
+    ``Location`` and ``Content-Location`` (resolved against the target) when they share its
+    origin; another origin's entries are never touched. Otherwise it returns ``()``.
+    """
+    if method.upper() in _SAFE_METHODS or not 200 <= status < 400:
+        return ()
+    target = normalise_url(url)
+    origin = urlsplit(target)[:2]
+    found = [target]
+    for raw_name, raw_value in response_headers:
+        if _lower(raw_name) in _LOCATIONS:
+            other = normalise_url(urljoin(target, _text(raw_value).strip()))
+            if urlsplit(other)[:2] == origin and other not in found:
+                found.append(other)
+    return tuple(found)
