@@ -28,6 +28,8 @@ from singleflight._http import (
     unshareable_reason,
 )
 from singleflight._http.invalidation import Ticket, flights_of, invalidate
+from singleflight._http.live import Log
+from singleflight._httpx_live import Live
 from singleflight._observe import note_call
 
 __all__ = ()
@@ -37,13 +39,13 @@ _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _READS: Final = frozenset({"GET", "HEAD"})
 _BODY: Final = ("raw",)  # httpx shares bodies as received: content-encoding untouched
 # A leader's value: a Snapshot to share, or its own live response (Unshared: never buffered).
-Value: TypeAlias = "Snapshot | Unshared[httpx.Response]"
+Value: TypeAlias = "Snapshot | Live | Unshared[httpx.Response]"
 
 
 class Policy:
     """What both transports share: options, the Group, the key and the response builders."""
 
-    __slots__ = ("bypasses", "caching", "extra", "group", "options", "rejoins")
+    __slots__ = ("bypasses", "caching", "extra", "group", "joined", "options", "rejoins")
 
     def __init__(
         self,
@@ -77,16 +79,17 @@ class Policy:
         self.caching = self.group.cache is not None or self.group.tier is not None
         self.bypasses = 0  # plain += under the GIL, like the Group's counters
         self.rejoins = 0  # followers that joined their flight again (sync, trio): counted twice
+        self.joined = 0  # followers that joined a live body after its flight landed: uncounted
 
     @property
     def stats(self) -> Stats:
         """The Group's counters, plus the requests this transport let straight through."""
         stats = self.group.stats
-        rejoins = self.rejoins
+        extra = self.joined - self.rejoins
         return dataclasses.replace(
             stats,
-            calls=stats.calls - rejoins,
-            followers=stats.followers - rejoins,
+            calls=stats.calls + extra,
+            followers=stats.followers + extra,
             bypasses=self.bypasses,
         )
 
@@ -192,10 +195,11 @@ class Policy:
             **snap.extensions,
             "http_version": snap.http_version.encode("ascii"),
             "reason_phrase": snap.reason.encode("ascii", "replace"),
+            "singleflight": role,
         }
         if own:
             extensions.update(own)
-        extensions["singleflight"] = role
+            extensions["singleflight"] = role
         return httpx.Response(
             snap.status,
             headers=list(snap.headers),
@@ -218,6 +222,42 @@ class Policy:
     def ticket(self, key: Hashable) -> Ticket | None:
         """A leader's ticket for its flight of ``key``: a write meanwhile makes it stale."""
         return flights_of(self.group).start(key) if self.caching else None
+
+    def live(
+        self,
+        request: httpx.Request,
+        response: httpx.Response,
+        key: Hashable,
+        ticket: Ticket | None,
+        stream_type: type,
+    ) -> Live | None:
+        """A Live value for ``response`` if its body is shared live, else None (buffer it).
+
+        Live: a body of unknown length (no ``Content-Length``: chunked, an endless NDJSON
+        watch), read from a real stream (not one another wrapper already read), on asyncio or
+        in threads, without a tier (a tier stores whole values only). A body of announced length
+        is buffered and shared whole, as before: its errors reach ``get()`` and the leader's
+        timeout re-elects until it is complete.
+        """
+        if (
+            self.group.tier is not None
+            or request.method == "HEAD"
+            or response.status_code in (204, 304)
+            or "content-length" in response.headers
+            or not isinstance(response.stream, stream_type)
+            or isinstance(response.stream, httpx.ByteStream)
+        ):
+            return None
+        return Live(
+            response,
+            Log(self.options.max_body_size),
+            group=self.group,
+            key=key,
+            store=self.caching,
+            ticket=ticket,
+            request_headers=list(request.headers.raw),
+            extensions=shared_extensions(response),
+        )
 
     def end(self, key: Hashable, ticket: Ticket | None) -> None:
         """The leader's flight of ``key`` is over: a write can no longer reach it."""

@@ -13,7 +13,11 @@ import httpx
 from singleflight._errors import ReentrancyError
 from singleflight._group import Group, Role, Unshared
 from singleflight._http import ClientClosed, Deadline, Progress, progress_of
+from singleflight._http.invalidation import Ticket
+from singleflight._http.live import live_of, publish
 from singleflight._httpx import Policy, Value
+from singleflight._httpx_live import Live
+from singleflight._observe import note_call
 
 __all__ = ("AsyncSender", "SyncSender")
 
@@ -44,6 +48,13 @@ class AsyncSender:
             policy.wrote(request, response)
             return response
         budget = read_timeout(request)
+        live: Live | None = live_of(policy.group, key)
+        if live is not None:  # a live body still admitting joiners: follow it from byte 0
+            late = live.respond(request, "follower", budget, None)
+            if late is not None:
+                policy.joined += 1
+                note_call("follower", what="request")
+                return late
         ran = False
         armed: list[Any] = []  # this caller's deadline while it follows: disarmed if it leads
         mine: dict[str, Any] = {}  # the extensions of the response this caller received itself
@@ -76,6 +87,13 @@ class AsyncSender:
                 raise fresh from exc
             own = fresh  # a closed client's leader: its own error, raised below, unchained
         else:
+            if type(value) is Live:
+                own_response = value.respond(request, role, budget, mine)
+                if own_response is None:  # too late to join (or another loop): its own request
+                    policy.bypassed("late")
+                    return await self.inner.handle_async_request(request)
+                note_call(role, what="request")
+                return own_response
             return policy.deliver(request, value, role, mine)
         raise own
 
@@ -85,17 +103,27 @@ class AsyncSender:
         """The leader's work: send, then buffer the raw body into a Snapshot (or don't)."""
         ticket = self.policy.ticket(key)  # None unless the group caches
         try:
-            value = await self._read(request, progress, mine)
+            value = await self._read(request, key, ticket, progress, mine)
         except Exception as exc:
+            self.policy.end(key, ticket)
             if self.closed:  # our client closed under us: only our own attempt ends
                 raise ClientClosed("the leader's client was closed") from exc
             raise
-        finally:
+        except BaseException:
             self.policy.end(key, ticket)
+            raise
+        if type(value) is Live:
+            return value  # its ticket ends with its body
+        self.policy.end(key, ticket)
         return self.policy.landed(ticket, value)
 
     async def _read(
-        self, request: httpx.Request, progress: Progress, mine: dict[str, Any]
+        self,
+        request: httpx.Request,
+        key: Hashable,
+        ticket: Ticket | None,
+        progress: Progress,
+        mine: dict[str, Any],
     ) -> Value:
         policy = self.policy
         progress.start()  # each step tells waiting followers the request is not silent
@@ -114,6 +142,12 @@ class AsyncSender:
             # and aread() decodes, which would make every caller's client decode twice.
             if response.is_stream_consumed and not isinstance(response.stream, httpx.ByteStream):
                 return policy.decoded(request, response)  # a one-shot stream, read elsewhere
+            if on_asyncio():  # trio: buffered, as before
+                live = policy.live(request, response, key, ticket, httpx.AsyncByteStream)
+                if live is not None:
+                    kept = True
+                    publish(policy.group, key, live)  # late joiners find it
+                    return live
             rest = response.stream.__aiter__()  # type: ignore[union-attr]
             async for chunk in rest:
                 chunks.append(chunk)
@@ -184,6 +218,14 @@ class SyncSender:
             response = self.inner.handle_request(request)
             policy.wrote(request, response)
             return response
+        budget = read_timeout(request)  # a follower keeps its own, as on the async side
+        live: Live | None = live_of(policy.group, key)
+        if live is not None:  # a live body still admitting joiners: follow it from byte 0
+            late = live.respond(request, "follower", budget, None)
+            if late is not None:
+                policy.joined += 1
+                note_call("follower", what="request")
+                return late
         ran = False
         progress = progress_of(policy.group, key)
         mine: dict[str, Any] = {}  # the extensions of the response this caller received itself
@@ -193,7 +235,6 @@ class SyncSender:
             ran = True
             return self._lead(request, key, progress, mine)
 
-        budget = read_timeout(request)  # a follower keeps its own, as on the async side
         try:
             value, role = self._follow(key, fetch, budget, progress, lambda: ran)
         except ReentrancyError:
@@ -209,6 +250,13 @@ class SyncSender:
                 raise fresh from exc
             own = fresh  # a closed client's leader: its own error, raised below, unchained
         else:
+            if type(value) is Live:
+                own_response = value.respond(request, role, budget, mine)
+                if own_response is None:  # too late to join (or an async flight): its own request
+                    policy.bypassed("late")
+                    return self.inner.handle_request(request)
+                note_call(role, what="request")
+                return own_response
             return policy.deliver(request, value, role, mine)
         raise own
 
@@ -218,16 +266,28 @@ class SyncSender:
         """The leader's work: send, then buffer the raw body into a Snapshot (or don't)."""
         ticket = self.policy.ticket(key)  # None unless the group caches
         try:
-            value = self._read(request, progress, mine)
+            value = self._read(request, key, ticket, progress, mine)
         except Exception as exc:
+            self.policy.end(key, ticket)
             if self.closed:  # our client closed under us: only our own attempt ends
                 raise ClientClosed("the leader's client was closed") from exc
             raise
-        finally:
+        except BaseException:
             self.policy.end(key, ticket)
+            raise
+        if type(value) is Live:
+            return value  # its ticket ends with its body
+        self.policy.end(key, ticket)
         return self.policy.landed(ticket, value)
 
-    def _read(self, request: httpx.Request, progress: Progress, mine: dict[str, Any]) -> Value:
+    def _read(
+        self,
+        request: httpx.Request,
+        key: Hashable,
+        ticket: Ticket | None,
+        progress: Progress,
+        mine: dict[str, Any],
+    ) -> Value:
         policy = self.policy
         progress.start()
         response = self.inner.handle_request(request)
@@ -243,6 +303,11 @@ class SyncSender:
             size = 0
             if response.is_stream_consumed and not isinstance(response.stream, httpx.ByteStream):
                 return policy.decoded(request, response)  # a one-shot stream, read elsewhere
+            live = policy.live(request, response, key, ticket, httpx.SyncByteStream)
+            if live is not None:
+                kept = True
+                publish(policy.group, key, live)  # late joiners find it
+                return live
             rest = iter(response.stream)  # type: ignore[arg-type]
             for chunk in rest:
                 chunks.append(chunk)

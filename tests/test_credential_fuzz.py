@@ -548,10 +548,11 @@ def test_httpx_tls_identities_and_proxies_never_cross(loop_thread):
 
     tally = TALLIES.setdefault("httpx-tls", Tally())
     started = time.monotonic()
+    serial: dict[int, int] = {}  # id(client) -> a number never reused (ids are, once closed)
 
     async def one(client: httpx.AsyncClient, url: str, sender: int, sni: str | None) -> str:
         cert, verify, route = SENDERS[sender]
-        _identity.set((id(client), sni))
+        _identity.set((serial[id(client)], sni))  # a sender never met before: its own number
         extensions = {} if sni is None else {"sni_hostname": sni}
         sent_sni = None if route in ("p1", "p2") else sni  # httpcore's tunnels ignore it
         refused = verify == "other-ca" or (verify == "ca" and sent_sni is not None)
@@ -584,6 +585,7 @@ def test_httpx_tls_identities_and_proxies_never_cross(loop_thread):
             inner = httpx.AsyncHTTPTransport(**options)
             wrapped = AsyncSingleflightTransport(inner, group=group)
             clients.append(httpx.AsyncClient(transport=wrapped, timeout=10))
+            serial[id(clients[-1])] = next(_paths)
         url = f"{server.url}/tls/{next(_paths)}?delay=1"
         try:
             for _wave in range(2):
