@@ -29,7 +29,7 @@ from singleflight._http import (
 )
 from singleflight._http.invalidation import Ticket, flights_of, invalidate
 from singleflight._http.live import Log
-from singleflight._httpx_live import Live
+from singleflight._httpx_live import Live, where
 from singleflight._observe import note_call
 
 __all__ = ()
@@ -229,7 +229,7 @@ class Policy:
         response: httpx.Response,
         key: Hashable,
         ticket: Ticket | None,
-        stream_type: type,
+        sync: bool,
     ) -> Live | None:
         """A Live value for ``response`` if its body is shared live, else None (buffer it).
 
@@ -239,6 +239,7 @@ class Policy:
         is buffered and shared whole, as before: its errors reach ``get()`` and the leader's
         timeout re-elects until it is complete.
         """
+        stream_type = httpx.SyncByteStream if sync else httpx.AsyncByteStream
         if (
             self.group.tier is not None
             or request.method == "HEAD"
@@ -257,6 +258,7 @@ class Policy:
             ticket=ticket,
             request_headers=list(request.headers.raw),
             extensions=shared_extensions(response),
+            context=where(sync),
         )
 
     def end(self, key: Hashable, ticket: Ticket | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import httpx
@@ -50,7 +50,7 @@ class AsyncSender:
         budget = read_timeout(request)
         live: Live | None = live_of(policy.group, key)
         if live is not None:  # a live body still admitting joiners: follow it from byte 0
-            late = live.respond(request, "follower", budget, None)
+            late = live.respond(request, "follower", budget, None, here())
             if late is not None:
                 policy.joined += 1
                 note_call("follower", what="request")
@@ -88,7 +88,7 @@ class AsyncSender:
             own = fresh  # a closed client's leader: its own error, raised below, unchained
         else:
             if type(value) is Live:
-                own_response = value.respond(request, role, budget, mine)
+                own_response = value.respond(request, role, budget, mine, here())
                 if own_response is None:  # too late to join (or another loop): its own request
                     policy.bypassed("late")
                     return await self.inner.handle_async_request(request)
@@ -143,7 +143,7 @@ class AsyncSender:
             if response.is_stream_consumed and not isinstance(response.stream, httpx.ByteStream):
                 return policy.decoded(request, response)  # a one-shot stream, read elsewhere
             if on_asyncio():  # trio: buffered, as before
-                live = policy.live(request, response, key, ticket, httpx.AsyncByteStream)
+                live = policy.live(request, response, key, ticket, sync=False)
                 if live is not None:
                     kept = True
                     publish(policy.group, key, live)  # late joiners find it
@@ -221,7 +221,7 @@ class SyncSender:
         budget = read_timeout(request)  # a follower keeps its own, as on the async side
         live: Live | None = live_of(policy.group, key)
         if live is not None:  # a live body still admitting joiners: follow it from byte 0
-            late = live.respond(request, "follower", budget, None)
+            late = live.respond(request, "follower", budget, None, None)
             if late is not None:
                 policy.joined += 1
                 note_call("follower", what="request")
@@ -251,7 +251,7 @@ class SyncSender:
             own = fresh  # a closed client's leader: its own error, raised below, unchained
         else:
             if type(value) is Live:
-                own_response = value.respond(request, role, budget, mine)
+                own_response = value.respond(request, role, budget, mine, None)
                 if own_response is None:  # too late to join (or an async flight): its own request
                     policy.bypassed("late")
                     return self.inner.handle_request(request)
@@ -303,7 +303,7 @@ class SyncSender:
             size = 0
             if response.is_stream_consumed and not isinstance(response.stream, httpx.ByteStream):
                 return policy.decoded(request, response)  # a one-shot stream, read elsewhere
-            live = policy.live(request, response, key, ticket, httpx.SyncByteStream)
+            live = policy.live(request, response, key, ticket, sync=True)
             if live is not None:
                 kept = True
                 publish(policy.group, key, live)  # late joiners find it
@@ -352,6 +352,17 @@ def read_timeout(request: httpx.Request) -> float | None:
 def in_flight(group: Group[Any], key: Hashable) -> bool:
     """Is ``key`` in flight now? A hint (the answer may change at once); True if unknown."""
     return key in group
+
+
+_ELSEWHERE: Final = object()  # trio: no Live body is read there
+
+
+def here() -> object:
+    """Where this async caller reads a Live body: its asyncio loop (nowhere on trio)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return _ELSEWHERE
 
 
 def on_asyncio() -> bool:

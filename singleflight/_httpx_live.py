@@ -27,15 +27,13 @@ from singleflight._http import Snapshot
 from singleflight._http.invalidation import Ticket, flights_of
 from singleflight._http.live import Log, Reader, unpublish
 
-__all__ = ("AsyncCursor", "Live", "SyncCursor", "context")
+__all__ = ("AsyncCursor", "Live", "SyncCursor", "where")
 
 
-def context() -> object:
-    """Where a reader runs: its asyncio loop, or threads (``None``). Live values stay in one."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+def where(sync: bool) -> object:
+    """Where a reader runs: threads (``None``: a sync transport, whatever loop its thread may
+    be running) or the asyncio loop of an async one. A Live body is read in one place only."""
+    return None if sync else asyncio.get_running_loop()
 
 
 def fresh(exc: BaseException) -> BaseException:
@@ -87,6 +85,7 @@ class Live:
         ticket: Ticket | None,
         request_headers: list[tuple[bytes, bytes]],
         extensions: dict[str, Any],
+        context: object,
     ) -> None:
         self.status = upstream.status_code
         self.reason = upstream.reason_phrase
@@ -97,7 +96,7 @@ class Live:
         self.log = log
         self.group, self.key, self.store, self.ticket = group, key, store, ticket
         self.request_headers = request_headers
-        self.context = context()
+        self.context = context  # where() of the leader: its loop, or None for threads
         if self.context is None:
             self.it: Any = iter(upstream.stream)  # type: ignore[arg-type]
         else:
@@ -107,10 +106,19 @@ class Live:
         self._ended = False
 
     def respond(
-        self, request: httpx.Request, role: str, timeout: float | None, own: dict[str, Any] | None
+        self,
+        request: httpx.Request,
+        role: str,
+        timeout: float | None,
+        own: dict[str, Any] | None,
+        context: object,
     ) -> httpx.Response | None:
-        """This caller's own Response, reading from byte 0; None if it can no longer join."""
-        if context() is not self.context:
+        """This caller's own Response, reading from byte 0; None if it can no longer join.
+
+        ``context``: ``where()`` of this caller; another loop, or threads for an async body
+        (and the reverse), cannot read it: None, and the caller makes its own request.
+        """
+        if context is not self.context:
             return None  # another loop, or threads: it makes its own request
         reader = self.log.join()
         if reader is None:

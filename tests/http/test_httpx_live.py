@@ -353,3 +353,14 @@ async def test_an_async_live_flight_and_a_sync_caller_of_the_same_key(nd):
         _, lines, _ = await leader
         assert [x["i"] for x in lines] == list(range(4))
     assert nd.hits == hits + 2
+
+
+async def test_a_sync_client_called_inside_a_running_loop_streams_with_threads(nd):
+    # A sync client used (blocking) from a coroutine: its thread runs a loop, yet it reads
+    # as threads do; the body is read whole, every line, and its upstream goes back.
+    t = SingleflightTransport()
+    url = nd.url + path("n=3&gap=0.05")
+    with httpx.Client(transport=t, timeout=10) as c:
+        _, lines, role = first_line_sync(c, url)  # blocking, on purpose
+        assert role == "leader" and [x["i"] for x in lines] == [0, 1, 2]
+        assert pool_is_idle(t.inner)
