@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
-from typing import Any, Final
+from typing import Any
 
 import anyio
 import httpx
@@ -16,7 +16,7 @@ from singleflight._http import ClientClosed, Deadline, Progress, progress_of
 from singleflight._http.invalidation import Ticket
 from singleflight._http.live import live_of, publish
 from singleflight._httpx import Policy, Value
-from singleflight._httpx_live import Live
+from singleflight._httpx_live import Live, where
 from singleflight._observe import note_call
 
 __all__ = ("AsyncSender", "SyncSender")
@@ -142,12 +142,11 @@ class AsyncSender:
             # and aread() decodes, which would make every caller's client decode twice.
             if response.is_stream_consumed and not isinstance(response.stream, httpx.ByteStream):
                 return policy.decoded(request, response)  # a one-shot stream, read elsewhere
-            if on_asyncio():  # trio: buffered, as before
-                live = policy.live(request, response, key, ticket, sync=False)
-                if live is not None:
-                    kept = True
-                    publish(policy.group, key, live)  # late joiners find it
-                    return live
+            live = policy.live(request, response, key, ticket, sync=False)
+            if live is not None:
+                kept = True
+                publish(policy.group, key, live)  # late joiners find it
+                return live
             rest = response.stream.__aiter__()  # type: ignore[union-attr]
             async for chunk in rest:
                 chunks.append(chunk)
@@ -354,15 +353,9 @@ def in_flight(group: Group[Any], key: Hashable) -> bool:
     return key in group
 
 
-_ELSEWHERE: Final = object()  # trio: no Live body is read there
-
-
 def here() -> object:
-    """Where this async caller reads a Live body: its asyncio loop (nowhere on trio)."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return _ELSEWHERE
+    """Where this async caller reads a Live body: its asyncio loop, or its trio run."""
+    return where(False)
 
 
 def on_asyncio() -> bool:

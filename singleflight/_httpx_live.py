@@ -6,8 +6,8 @@ puller of the upstream body). Every caller gets its own ``httpx.Response`` whose
 cursor into the Log: it replays what arrived, then follows new chunks as they come, at its own
 pace. One pull of the upstream at a time, on behalf of whichever reader needs the next chunk:
 on asyncio in a task of its own that no reader's cancellation reaches (httpcore's body
-iterators close the response on any cancellation: truncation posing as EOF), in threads by the
-thread that lacks a chunk, outside the lock. Each reader waits within its own read timeout; an
+iterators close the response on any cancellation: truncation posing as EOF), on trio in a
+system task, in threads by the thread that lacks a chunk, outside the lock. Each reader waits within its own read timeout; an
 upstream error reaches each reader where it reads. When the last reader leaves before the end,
 the upstream response is closed; at the end it is closed (its connection pooled) and, if the
 group caches and the body is complete and cacheable, stored as a Snapshot.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import threading
 from collections.abc import AsyncIterator, Hashable, Iterator
 from typing import Any, final
@@ -32,8 +33,16 @@ __all__ = ("AsyncCursor", "Live", "SyncCursor", "where")
 
 def where(sync: bool) -> object:
     """Where a reader runs: threads (``None``: a sync transport, whatever loop its thread may
-    be running) or the asyncio loop of an async one. A Live body is read in one place only."""
-    return None if sync else asyncio.get_running_loop()
+    be running), or the asyncio loop (trio: the run's token) of an async one. A Live body is
+    read in one place only."""
+    if sync:
+        return None
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # trio, through anyio
+        import trio
+
+        return trio.lowlevel.current_trio_token()
 
 
 def fresh(exc: BaseException) -> BaseException:
@@ -57,7 +66,9 @@ class Live:
     __slots__ = (
         "_ended",
         "_pulling",
+        "_scope",
         "_task",
+        "_trio",
         "context",
         "extensions",
         "group",
@@ -101,7 +112,9 @@ class Live:
             self.it: Any = iter(upstream.stream)  # type: ignore[arg-type]
         else:
             self.it = upstream.stream.__aiter__()  # type: ignore[union-attr]
-        self._task: asyncio.Task[None] | None = None
+        self._task: Any = None  # the pull in progress: an asyncio Task (trio: its done Event)
+        self._trio = context is not None and not isinstance(context, asyncio.AbstractEventLoop)
+        self._scope: Any = None  # trio: the pull's cancel scope, while one runs
         self._pulling = False
         self._ended = False
 
@@ -199,6 +212,8 @@ class Live:
 
     async def more(self, timeout: float | None) -> None:
         """Wait (within ``timeout``) until the next chunk arrived or the body ended."""
+        if self._trio:
+            return await self._more_trio(timeout)
         task = self._task
         if task is None:
             task = self._task = asyncio.get_running_loop().create_task(self._pull())
@@ -210,14 +225,65 @@ class Live:
             ) from None
 
     async def leave(self, reader: Reader) -> None:
-        if self.log.leave(reader):  # the last reader, before the end
+        if not self.log.leave(reader):
+            return  # others read on, or the body ended: nothing to close here
+        # The last reader left before the end: stop the pull, close the upstream.
+        if self._trio:
+            if self._scope is not None:
+                self._scope.cancel()  # the pull closes the upstream
+                return
+        else:
             task = self._task
             if task is not None:
                 task.cancel()  # its handler closes the upstream
                 await asyncio.gather(task, return_exceptions=True)
-            else:
+                return
+        await self.upstream.aclose()
+        self._finish()
+
+    # -- trio: the pull is a system task (no reader's cancel scope reaches it) ------------
+
+    async def _pull_trio(self, done: Any) -> None:
+        import trio
+
+        ended = True
+        try:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                try:
+                    chunk = await self.it.__anext__()
+                except StopAsyncIteration:
+                    self.log.finish()
+                except Exception as exc:
+                    self.log.finish(exc)
+                else:
+                    ended = False
+                    if chunk:
+                        self.log.append(chunk)
+        finally:
+            self._scope = None
+            self._task = None
+            done.set()
+        if ended or scope.cancelled_caught:  # read to its end, failed, or nobody is left
+            try:
                 await self.upstream.aclose()
-                self._finish()
+            except Exception:  # a system task must not fail the run
+                pass
+            self._finish()
+
+    async def _more_trio(self, timeout: float | None) -> None:
+        import trio
+
+        done = self._task
+        if done is None:
+            done = self._task = trio.Event()
+            trio.lowlevel.spawn_system_task(self._pull_trio, done)
+        with trio.move_on_after(math.inf if timeout is None else timeout) as scope:
+            await done.wait()
+        if scope.cancelled_caught:
+            raise httpx.ReadTimeout(
+                f"no new bytes of the shared response in {timeout}s (this request's read timeout)"
+            )
 
     # -- threads -------------------------------------------------------------------------
 

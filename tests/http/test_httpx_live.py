@@ -364,3 +364,74 @@ async def test_a_sync_client_called_inside_a_running_loop_streams_with_threads(n
         _, lines, role = first_line_sync(c, url)  # blocking, on purpose
         assert role == "leader" and [x["i"] for x in lines] == [0, 1, 2]
         assert pool_is_idle(t.inner)
+
+
+# Breaking out of aiter_lines() on trio leaves httpx's generator chain to the GC, which trio
+# reports (a plain client does the same); the responses themselves are closed by the test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_trio_first_line_reaches_5_callers_live_and_a_quitter_closes_nothing_else(nd):
+    trio = pytest.importorskip("trio")
+    t = AsyncSingleflightTransport()
+    url = nd.url + path("n=6&gap=0.3")
+    hits = nd.hits
+    results: list[Any] = []
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with httpx.AsyncClient(transport=t, timeout=10) as c:
+
+                async def one() -> None:
+                    results.append(await first_line_async(c, url))
+
+                async def quitter() -> None:
+                    async with c.stream("GET", url) as r:
+                        async for _line in r.aiter_lines():
+                            break  # leaves after one line
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(5):
+                        nursery.start_soon(one)
+                    nursery.start_soon(quitter)
+                assert pool_is_idle(t.inner)
+
+    trio.run(main)
+    assert nd.hits == hits + 1
+    for first, lines, _ in results:
+        assert first < 0.25  # live: the first line, not the whole 1.5 s body
+        assert [x["i"] for x in lines] == list(range(6))
+
+
+# Breaking out of aiter_lines() on trio leaves httpx's generator chain to the GC, which trio
+# reports (a plain client does the same); the responses themselves are closed by the test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_trio_last_reader_leaving_closes_the_upstream_and_a_reader_times_out_alone(nd):
+    trio = pytest.importorskip("trio")
+    t = AsyncSingleflightTransport()
+    aborted = nd.aborted
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with httpx.AsyncClient(transport=t, timeout=10) as c:
+                url = nd.url + path("n=50&gap=0.05")
+                r = await c.send(c.build_request("GET", url), stream=True)
+                await r.aiter_lines().__anext__()
+                await r.aclose()
+                while nd.aborted != aborted + 1:
+                    await trio.sleep(0.01)
+                slow = nd.url + path("n=3&gap=0.6")
+                got: list[Any] = []
+
+                async def patient() -> None:
+                    got.append(await first_line_async(c, slow))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(patient)
+                    while t.stats.leaders < 2:
+                        await trio.sleep(0.01)
+                    with pytest.raises(httpx.ReadTimeout):
+                        await c.get(slow, timeout=httpx.Timeout(10, read=0.3))
+                assert [x["i"] for x in got[0][1]] == [0, 1, 2]
+                while not pool_is_idle(t.inner):
+                    await trio.sleep(0.01)
+
+    trio.run(main)
