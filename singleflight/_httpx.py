@@ -244,9 +244,9 @@ class Policy:
             self.group.tier is not None
             or request.method == "HEAD"
             or response.status_code in (204, 304)
-            or "content-length" in response.headers
-            or not isinstance(response.stream, stream_type)
             or isinstance(response.stream, httpx.ByteStream)
+            or not isinstance(response.stream, stream_type)
+            or "content-length" in response.headers
         ):
             return None
         return Live(

@@ -101,21 +101,22 @@ class AsyncSender:
         self, request: httpx.Request, key: Hashable, progress: Progress, mine: dict[str, Any]
     ) -> Value:
         """The leader's work: send, then buffer the raw body into a Snapshot (or don't)."""
-        ticket = self.policy.ticket(key)  # None unless the group caches
+        policy = self.policy
+        ticket = policy.ticket(key) if policy.caching else None  # for write invalidation
         try:
             value = await self._read(request, key, ticket, progress, mine)
         except Exception as exc:
-            self.policy.end(key, ticket)
+            policy.end(key, ticket)
             if self.closed:  # our client closed under us: only our own attempt ends
                 raise ClientClosed("the leader's client was closed") from exc
             raise
         except BaseException:
-            self.policy.end(key, ticket)
+            policy.end(key, ticket)
             raise
-        if type(value) is Live:
-            return value  # its ticket ends with its body
-        self.policy.end(key, ticket)
-        return self.policy.landed(ticket, value)
+        if ticket is None or type(value) is Live:
+            return value  # (a Live value's ticket ends with its body)
+        policy.end(key, ticket)
+        return policy.landed(ticket, value)
 
     async def _read(
         self,
@@ -263,21 +264,22 @@ class SyncSender:
         self, request: httpx.Request, key: Hashable, progress: Progress, mine: dict[str, Any]
     ) -> Value:
         """The leader's work: send, then buffer the raw body into a Snapshot (or don't)."""
-        ticket = self.policy.ticket(key)  # None unless the group caches
+        policy = self.policy
+        ticket = policy.ticket(key) if policy.caching else None  # for write invalidation
         try:
             value = self._read(request, key, ticket, progress, mine)
         except Exception as exc:
-            self.policy.end(key, ticket)
+            policy.end(key, ticket)
             if self.closed:  # our client closed under us: only our own attempt ends
                 raise ClientClosed("the leader's client was closed") from exc
             raise
         except BaseException:
-            self.policy.end(key, ticket)
+            policy.end(key, ticket)
             raise
-        if type(value) is Live:
-            return value  # its ticket ends with its body
-        self.policy.end(key, ticket)
-        return self.policy.landed(ticket, value)
+        if ticket is None or type(value) is Live:
+            return value  # (a Live value's ticket ends with its body)
+        policy.end(key, ticket)
+        return policy.landed(ticket, value)
 
     def _read(
         self,

@@ -7,10 +7,11 @@ cursor into the Log: it replays what arrived, then follows new chunks as they co
 pace. One pull of the upstream at a time, on behalf of whichever reader needs the next chunk:
 on asyncio in a task of its own that no reader's cancellation reaches (httpcore's body
 iterators close the response on any cancellation: truncation posing as EOF), on trio in a
-system task, in threads by the thread that lacks a chunk, outside the lock. Each reader waits within its own read timeout; an
-upstream error reaches each reader where it reads. When the last reader leaves before the end,
-the upstream response is closed; at the end it is closed (its connection pooled) and, if the
-group caches and the body is complete and cacheable, stored as a Snapshot.
+system task, in threads by the thread that lacks a chunk, outside the lock. Each reader waits
+within its own read timeout; an upstream error reaches each reader where it reads. When the
+last reader leaves before the end, the upstream response is closed; at the end it is closed
+(its connection pooled) and, if the group caches and the body is complete and cacheable,
+stored as a Snapshot.
 """
 
 from __future__ import annotations

@@ -90,6 +90,8 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
         )
         self._inner = inner if inner is not None else httpx.AsyncHTTPTransport()
         self._sender = AsyncSender(self._policy, self._inner)
+        # httpx calls handle_async_request: go straight to the Sender, no coroutine in between.
+        self.handle_async_request = self._sender.send  # type: ignore[method-assign]
 
     @property
     def inner(self) -> httpx.AsyncBaseTransport:
@@ -157,6 +159,7 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
             )
         self._inner = inner if inner is not None else httpx.HTTPTransport()
         self._sender = SyncSender(self._policy, self._inner)
+        self.handle_request = self._sender.send  # type: ignore[method-assign]
 
     @property
     def inner(self) -> httpx.BaseTransport:
