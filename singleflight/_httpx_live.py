@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-import threading
 from collections.abc import AsyncIterator, Hashable, Iterator
 from typing import Any, final
 
@@ -184,10 +183,12 @@ class Live:
         )
         if snap.cacheable:
             snap = dataclasses.replace(snap, extensions=self.extensions)
-            # The Group guards its cache with its own lock (cachetools is not thread-safe).
-            lock = getattr(self.group, "_cache_lock", None) or threading.Lock()
-            with lock:
-                cache[self.key] = snap
+            # The Group guards its cache with its own lock (cachetools is not thread-safe); the
+            # Group has no public store, so without that lock the body is not cached at all.
+            lock = getattr(self.group, "_cache_lock", None)
+            if lock is not None:
+                with lock:
+                    cache[self.key] = snap
 
     # -- asyncio -------------------------------------------------------------------------
 
