@@ -60,6 +60,12 @@ class CacheFront:
                 if id(flight) not in self._map._next:  # not forgotten (see forget)
                     self.cache[key] = value
 
+    def put(self, key: Hashable, value: Any) -> None:
+        """Keep ``value`` for ``key`` outside any flight (``cache_if`` still decides)."""
+        if self.cache_if is None or self.cache_if(value):
+            with self._lock:
+                self.cache[key] = value
+
     def forget(self, key: Hashable) -> None:
         """Drop ``key``'s value; its flight in progress (if any) is forgotten: it never stores."""
         try:

@@ -154,6 +154,15 @@ class Group(Flights[V]):
         else:
             self._front.forget(key)
 
+    def cache_put(self, key: Hashable, value: V) -> None:
+        """Store ``value`` for ``key`` in the cache, outside any flight (no-op without one).
+
+        The cache's rules still apply (``cache_if``, the ttl). An HTTP adapter uses it for a
+        body that was shared live and became whole after its flight landed.
+        """
+        if self._front is not None:
+            self._front.put(key, value)
+
     def cache_pop(self, key: Hashable) -> None:
         """Invalidate ``key`` (async-lru's ``cache_invalidate``): the same as ``forget``.
 

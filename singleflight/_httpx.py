@@ -1,50 +1,51 @@
-"""Internals of singleflight.httpx: the httpx side of the policy, deadlines, stream plumbing."""
+"""The httpx side of the policy: a Request's key, a response's Snapshot, each caller's Response."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import math
+import hashlib
+import os
+import secrets
 import sys
+import weakref
 from collections.abc import (
-    AsyncIterator,
-    Awaitable,
     Callable,
     Hashable,
     Iterable,
-    Iterator,
     MutableMapping,
 )
 from typing import Any, Final, TypeAlias, TypeVar
 
-import anyio
 import httpx
 
-from singleflight._group import Group, Role, Stats, Unshared
+from singleflight._group import Group, Stats, Unshared
 from singleflight._http import (
-    Deadline,
+    ClientClosed,
     HTTPOptions,
-    Progress,
     Snapshot,
     bypass_reason,
-    progress_of,
+    invalidated_urls,
     unshareable_reason,
 )
+from singleflight._http.invalidation import Ticket, flights_of, invalidate
+from singleflight._http.live import Log
+from singleflight._httpx_live import Live, where
 from singleflight._observe import note_call
 
 __all__ = ()
 
 _E = TypeVar("_E", bound=BaseException)
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_READS: Final = frozenset({"GET", "HEAD"})
 _BODY: Final = ("raw",)  # httpx shares bodies as received: content-encoding untouched
 # A leader's value: a Snapshot to share, or its own live response (Unshared: never buffered).
-Value: TypeAlias = "Snapshot | Unshared[httpx.Response]"
+Value: TypeAlias = "Snapshot | Live | Unshared[httpx.Response]"
 
 
 class Policy:
     """What both transports share: options, the Group, the key and the response builders."""
 
-    __slots__ = ("bypasses", "caching", "group", "options", "rejoins")
+    __slots__ = ("bypasses", "caching", "extra", "group", "joined", "options", "rejoins")
 
     def __init__(
         self,
@@ -57,7 +58,10 @@ class Policy:
         max_body_size: int,
         group: Group[Any] | None,
         tier: Any,
+        identity: str,
     ) -> None:
+        # The key's adapter facts: raw bodies, and who sends (sender_identity).
+        self.extra: tuple[Hashable, ...] = (*_BODY, identity)
         self.options = HTTPOptions.build(
             methods=methods,
             ttl=ttl,
@@ -75,16 +79,17 @@ class Policy:
         self.caching = self.group.cache is not None or self.group.tier is not None
         self.bypasses = 0  # plain += under the GIL, like the Group's counters
         self.rejoins = 0  # followers that joined their flight again (sync, trio): counted twice
+        self.joined = 0  # followers that joined a live body after its flight landed: uncounted
 
     @property
     def stats(self) -> Stats:
         """The Group's counters, plus the requests this transport let straight through."""
         stats = self.group.stats
-        rejoins = self.rejoins
+        extra = self.joined - self.rejoins
         return dataclasses.replace(
             stats,
-            calls=stats.calls - rejoins,
-            followers=stats.followers - rejoins,
+            calls=stats.calls + extra,
+            followers=stats.followers + extra,
             bypasses=self.bypasses,
         )
 
@@ -112,24 +117,34 @@ class Policy:
             netloc = netloc.rpartition(":")[0]  # "HTTPS://h:443" keeps its port in httpx
         normal = f"{url.scheme}://{netloc}{url.raw_path.decode('ascii')}"
         userinfo = url.userinfo.decode("ascii")
-        key = self.options.key_for(request, request.method, normal, raw, _BODY, userinfo=userinfo)
+        extra = self.extra
+        sni = request.extensions.get("sni_hostname")
+        if sni is not None:  # the TLS name sent and checked: who the server sees us ask for
+            extra = (*extra, ("sni", sni))
+        key = self.options.key_for(request, request.method, normal, raw, extra, userinfo=userinfo)
         return (None, "key") if key is None else (key, "")
 
     def unshared(self, request: httpx.Request, response: httpx.Response) -> bool:
-        """True if ``response`` goes to its leader only (Set-Cookie, event stream, too big)."""
+        """True if ``response`` goes to its leader only (1xx, Set-Cookie, event stream, too big)."""
+        status = response.status_code
         # A HEAD (or 204/304) response has no body, whatever its Content-Length announces.
-        bodyless = request.method == "HEAD" or response.status_code in (204, 304)
+        bodyless = request.method == "HEAD" or status in (204, 304)
         limit = sys.maxsize if bodyless else self.options.max_body_size
-        return unshareable_reason(response.headers.raw, max_body_size=limit) is not None
+        reason = unshareable_reason(response.headers.raw, max_body_size=limit, status=status)
+        return reason is not None
 
     def snapshot(self, request: httpx.Request, response: httpx.Response, body: bytes) -> Snapshot:
+        """The shared copy of ``response``: its raw body, and extensions any caller may see."""
         status, reason = response.status_code, response.reason_phrase
         version = response.http_version
+        shared = shared_extensions(response)
         if not self.caching:  # httpx's raw headers are already (bytes, bytes) pairs
-            return Snapshot(status, reason, version, tuple(response.headers.raw), body)
-        return Snapshot.build(
+            headers = tuple(response.headers.raw)
+            return Snapshot(status, reason, version, headers, body, extensions=shared)
+        snap = Snapshot.build(
             status, reason, version, response.headers.raw, body, request_headers=request.headers.raw
         )
+        return dataclasses.replace(snap, extensions=shared)
 
     def decoded(self, request: httpx.Request, response: httpx.Response) -> Snapshot:
         """A Snapshot of a response whose one-shot stream another wrapper already read.
@@ -142,7 +157,7 @@ class Policy:
         headers = [(k, v) for k, v in response.headers.raw if k.lower() not in drop]
         headers.append((b"Content-Length", str(len(content)).encode("ascii")))
         status, reason = response.status_code, response.reason_phrase
-        return Snapshot.build(
+        snap = Snapshot.build(
             status,
             reason,
             response.http_version,
@@ -150,86 +165,113 @@ class Policy:
             content,
             request_headers=request.headers.raw,
         )
+        return dataclasses.replace(snap, extensions=shared_extensions(response))
 
-    async def follow(
-        self,
-        request: httpx.Request,
-        key: Hashable,
-        fetch: Callable[[], Awaitable[Value]],
-        budget: float,
-        armed: list[Any],
-    ) -> tuple[Value, Role]:
-        """Follow the flight of ``key`` until it has been silent for ``budget`` seconds.
-
-        Then ``httpx.ReadTimeout``, bound to ``request``. The deadline goes into ``armed`` for
-        ``fetch`` to disarm should this caller be handed the lead.
-        """
-        progress = progress_of(self.group, key)
-        if on_asyncio():
-            # A timer handle, not anyio.CancelScope: ten times cheaper (bench_httpx.py).
-            deadline = Deadline(budget, progress)
-            armed.append(deadline)
-            try:
-                return await self.group.do_with_role(key, fetch)
-            except asyncio.CancelledError:
-                if not deadline.expired():
-                    raise
-                raise waited_too_long(request, budget) from None
-            finally:
-                deadline.deadline = math.inf
-        while True:  # trio: a cancel scope per read timeout; rejoin while the response moves
-            mark = progress.mark()
-            with anyio.CancelScope(deadline=anyio.current_time() + budget) as scope:
-                armed[:] = [scope]
-                result = await self.group.do_with_role(key, fetch)
-            if not scope.cancelled_caught:
-                return result
-            if progress.mark() == mark:
-                raise waited_too_long(request, budget)
-            self.rejoins += 1
-
-    def follow_sync(
-        self,
-        key: Hashable,
-        fetch: Callable[[], Value],
-        budget: float | None,
-        progress: Progress,
-        ran: Callable[[], bool],
-    ) -> tuple[Value, Role]:
-        """``do_sync_bounded`` for a thread; a follower rejoins while the response moves."""
-        while True:
-            mark = progress.mark()
-            try:
-                return self.group.do_sync_bounded(budget, key, fetch)
-            except TimeoutError:
-                if ran() or progress.mark() == mark:
-                    raise
-                # Not silent for a whole read timeout: the flight goes on, and we rejoin it.
-                self.rejoins += 1
-
-    def failed(self, exc: _E, request: httpx.Request, ran: bool) -> _E:
+    def failed(self, exc: BaseException, request: httpx.Request, ran: bool) -> BaseException:
         """Note a request that ended in ``exc``; return the exception its caller gets."""
         note_call("leader" if ran else "follower", what="request")
+        if ran and isinstance(exc, ClientClosed) and exc.__cause__ is not None:
+            return exc.__cause__  # its followers went on without it; it gets its own error
         return exc if ran else fresh_error(exc, request)
 
-    def deliver(self, request: httpx.Request, value: Any, role: str) -> httpx.Response:
-        """Each caller's own Response: a fresh one built from a Snapshot, or its own live one."""
+    def deliver(
+        self,
+        request: httpx.Request,
+        value: Any,
+        role: str,
+        own: dict[str, Any] | None = None,
+    ) -> httpx.Response:
+        """Each caller's own Response: a fresh one built from a Snapshot, or its own live one.
+
+        ``own``: the extensions of the response this caller received itself (its leader's
+        work ran), kept whole, ``network_stream`` included; other callers get the Snapshot's.
+        """
         note_call(role, what="request")
         if isinstance(value, httpx.Response):
             value.extensions["singleflight"] = role
             return value
         snap: Snapshot = value
+        extensions = {
+            **snap.extensions,
+            "http_version": snap.http_version.encode("ascii"),
+            "reason_phrase": snap.reason.encode("ascii", "replace"),
+            "singleflight": role,
+        }
+        if own:
+            extensions.update(own)
+            extensions["singleflight"] = role
         return httpx.Response(
             snap.status,
             headers=list(snap.headers),
             stream=httpx.ByteStream(snap.body),  # the bytes are shared, never copied
-            extensions={
-                "http_version": snap.http_version.encode("ascii"),
-                "reason_phrase": snap.reason.encode("ascii", "replace"),
-                "singleflight": role,
-            },
+            extensions=extensions,
             request=request,
         )
+
+    def wrote(self, request: httpx.Request, response: httpx.Response) -> None:
+        """A request went straight through: if it wrote, drop the cached reads it changed.
+
+        RFC 9111 §4.4 (``invalidated_urls``): the target URL, its ``Location`` and
+        ``Content-Location``, for every transport sharing the group.
+        """
+        if self.caching and request.method not in _READS:
+            url = str(request.url)
+            urls = invalidated_urls(request.method, response.status_code, url, response.headers.raw)
+            invalidate(self.group, urls)
+
+    def ticket(self, key: Hashable) -> Ticket | None:
+        """A leader's ticket for its flight of ``key``: a write meanwhile makes it stale."""
+        return flights_of(self.group).start(key) if self.caching else None
+
+    def live(
+        self,
+        request: httpx.Request,
+        response: httpx.Response,
+        key: Hashable,
+        ticket: Ticket | None,
+        sync: bool,
+    ) -> Live | None:
+        """A Live value for ``response`` if its body is shared live, else None (buffer it).
+
+        Live: a body of unknown length (no ``Content-Length``: chunked, an endless NDJSON
+        watch), read from a real stream (not one another wrapper already read), on asyncio or
+        in threads, without a tier (a tier stores whole values only). A body of announced length
+        is buffered and shared whole, as before: its errors reach ``get()`` and the leader's
+        timeout re-elects until it is complete.
+        """
+        stream_type = httpx.SyncByteStream if sync else httpx.AsyncByteStream
+        if (
+            self.group.tier is not None
+            or request.method == "HEAD"
+            or response.status_code in (204, 304)
+            or isinstance(response.stream, httpx.ByteStream)
+            or not isinstance(response.stream, stream_type)
+            or "content-length" in response.headers
+        ):
+            return None
+        return Live(
+            response,
+            Log(self.options.max_body_size),
+            group=self.group,
+            key=key,
+            store=self.caching,
+            ticket=ticket,
+            request_headers=list(request.headers.raw),
+            extensions=shared_extensions(response),
+            context=where(sync),
+        )
+
+    def end(self, key: Hashable, ticket: Ticket | None) -> None:
+        """The leader's flight of ``key`` is over: a write can no longer reach it."""
+        if ticket is not None:
+            flights_of(self.group).end(key, ticket)
+
+    @staticmethod
+    def landed(ticket: Ticket | None, value: Value) -> Value:
+        """The leader's value as the Group may store it: never if a write landed meanwhile."""
+        if ticket is not None and ticket.stale and isinstance(value, Snapshot) and value.cacheable:
+            return dataclasses.replace(value, cacheable=False)  # its callers still get it
+        return value
 
     def oversized(self, response: httpx.Response, stream: Any) -> Unshared[httpx.Response]:
         """The leader's response whose body outgrew ``max_body_size``: stream the rest."""
@@ -241,6 +283,49 @@ class Policy:
                 extensions={**response.extensions, "singleflight": "leader"},
             )
         )
+
+
+_DEFAULT_TLS_ENV: Final = ("SSL_CERT_FILE", "SSL_CERT_DIR")
+_IDENTITIES: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def sender_identity(inner: object, built: bool) -> str:
+    """Who the server sees and what the caller checks, as decided by the inner transport.
+
+    ``built``: the wrapper made ``inner`` itself (``httpx.[Async]HTTPTransport()``), so it is
+    known in full: the default TLS checks against the default CA store (``SSL_CERT_FILE`` /
+    ``SSL_CERT_DIR`` when set), no client certificate, no proxy. Such transports share flights,
+    also across processes (a Redis tier). Any other inner transport may hold a client
+    certificate, its own CA or ``verify=False``, a proxy, a local address or a mock, and
+    ``ssl.SSLContext`` cannot tell us which: it gets a token of its own, so only wrappers of the
+    very same inner transport share flights and cache entries.
+    """
+    if built:
+        env = [os.environ.get(name, "") for name in _DEFAULT_TLS_ENV]
+        if not any(env):
+            return "httpx"
+        digest = hashlib.blake2b("\n".join(env).encode("utf-8", "surrogateescape"), digest_size=8)
+        return f"httpx:{digest.hexdigest()}"
+    try:
+        token = _IDENTITIES.get(inner)
+    except TypeError:  # not weak-referenceable: this wrapper alone
+        return f"transport:{secrets.token_hex(8)}"
+    if token is None:
+        token = _IDENTITIES.setdefault(inner, f"transport:{secrets.token_hex(8)}")
+    return token
+
+
+_LEADER_ONLY: Final = frozenset({"network_stream", "singleflight"})
+
+
+def shared_extensions(response: httpx.Response) -> dict[str, Any]:
+    """The response's extensions any caller may get: all but the leader's ``network_stream``.
+
+    The connection's stream (``get_extra_info("server_addr")``, ``ssl_object``, an upgrade's
+    socket) belongs to the leader's own request; the rest (``http_version``,
+    ``reason_phrase``, a wrapped transport's own, e.g. hishel's) describe the response.
+    """
+    return {k: v for k, v in response.extensions.items() if k not in _LEADER_ONLY}
 
 
 def fresh_error(exc: _E, request: httpx.Request) -> _E:
@@ -256,54 +341,3 @@ def fresh_error(exc: _E, request: httpx.Request) -> _E:
             return exc
         return new
     return exc
-
-
-def read_timeout(request: httpx.Request) -> float | None:
-    timeout = request.extensions.get("timeout")
-    if isinstance(timeout, dict):
-        read = timeout.get("read")
-        return float(read) if isinstance(read, (int, float)) else None
-    return None
-
-
-def in_flight(group: Group[Any], key: Hashable) -> bool:
-    """Is ``key`` in flight now? A hint (the answer may change at once); True if unknown."""
-    return key in group
-
-
-def on_asyncio() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # trio (httpx runs on it through anyio)
-        return False
-    return True
-
-
-def waited_too_long(request: httpx.Request, budget: float) -> httpx.ReadTimeout:
-    return httpx.ReadTimeout(
-        f"waited {budget}s (this request's read timeout) for an identical request in flight",
-        request=request,
-    )
-
-
-class Rest(httpx.AsyncByteStream, httpx.SyncByteStream):
-    """The chunks read so far, then the rest of the upstream body, which closing closes."""
-
-    def __init__(self, head: list[bytes], rest: Any, upstream: httpx.Response) -> None:
-        self._head, self._rest, self._upstream = head, rest, upstream
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self._head:
-            yield chunk
-        async for chunk in self._rest:
-            yield chunk
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self._head
-        yield from self._rest
-
-    async def aclose(self) -> None:
-        await self._upstream.aclose()
-
-    def close(self) -> None:
-        self._upstream.close()

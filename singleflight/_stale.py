@@ -163,6 +163,18 @@ class StaleFront(MutableMapping[Any, Any]):
             while len(self._entries) > self.maxsize:
                 self._entries.popitem(last=False)
 
+    def put(self, key: Hashable, value: Any) -> None:
+        """Keep ``value`` for ``key`` outside any flight (``cache_if``/``ttl_of`` still decide)."""
+        times = self._times(value)
+        if times is None:
+            return
+        with self._lock:
+            now = self._timer()
+            self._entries[key] = _Entry(value, now + times[0], now + sum(times))
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+
     def _times(self, value: Any) -> tuple[float, float] | None:
         if self.cache_if is not None and not self.cache_if(value):
             return None

@@ -46,6 +46,7 @@ from singleflight._http import (
     Snapshot,
     progress_of,
 )
+from singleflight._http.options import http_group as http_group  # public: group= builder
 from singleflight._observe import note_call
 
 __all__ = ("SingleflightMiddleware", "served")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable, Iterable, MutableMapping
 from types import TracebackType
 from typing import Any
@@ -14,25 +13,22 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "singleflight.httpx needs httpx: pip install singleflight-http[httpx]"
     ) from exc
 
-from singleflight._errors import ReentrancyError
-from singleflight._group import Group, Stats, Unshared
+from singleflight._group import Group, Stats
 from singleflight._http import (
     DEFAULT_IGNORE_HEADERS,
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_METHODS,
-    Progress,
-    progress_of,
+    http_group,
 )
-from singleflight._httpx import (
-    Policy,
-    Rest,
-    Value,
-    in_flight,
-    read_timeout,
-    waited_too_long,
-)
+from singleflight._httpx import Policy, sender_identity
+from singleflight._httpx_flight import AsyncSender, SyncSender
 
-__all__ = ("DEFAULT_IGNORE_HEADERS", "AsyncSingleflightTransport", "SingleflightTransport")
+__all__ = (
+    "DEFAULT_IGNORE_HEADERS",
+    "AsyncSingleflightTransport",
+    "SingleflightTransport",
+    "http_group",
+)
 
 
 class _Shared:
@@ -90,10 +86,14 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
             )
         if hasattr(tier, "require"):  # sync tier (issue 14)
             tier.require(True, "AsyncSingleflightTransport")  # sync tier (issue 14)
+        identity = sender_identity(inner, built=inner is None)
         self._policy = Policy(
-            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier
+            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier, identity
         )
         self._inner = inner if inner is not None else httpx.AsyncHTTPTransport()
+        self._sender = AsyncSender(self._policy, self._inner)
+        # httpx calls handle_async_request: go straight to the Sender, no coroutine in between.
+        self.handle_async_request = self._sender.send  # type: ignore[method-assign]
 
     @property
     def inner(self) -> httpx.AsyncBaseTransport:
@@ -102,76 +102,11 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` once per key in flight; return this caller's own Response."""
-        policy = self._policy
-        key, reason = policy.key_or_reason(request)
-        if key is None:
-            policy.bypassed(reason)
-            return await self._inner.handle_async_request(request)
-        budget = read_timeout(request)
-        ran = False
-        armed: list[Any] = []  # this caller's deadline while it follows: disarmed if it leads
-
-        async def fetch() -> Value:
-            nonlocal ran
-            ran = True
-            for deadline in armed:  # leading now: httpcore enforces our own timeouts
-                deadline.deadline = math.inf
-            return await self._fetch(request, progress_of(policy.group, key))
-
-        try:
-            # With a tier another process may hold the flight: arm our deadline (issue 14)
-            if budget is None or (not in_flight(policy.group, key) and policy.group.tier is None):
-                # Nothing to wait for: this call leads at once (fetch runs before the first
-                # await), so no deadline is armed. A sync thread may take the lead in between;
-                # then the wait is bounded by that leader's own timeouts and re-election.
-                value, role = await policy.group.do_with_role(key, fetch)
-            else:
-                value, role = await policy.follow(request, key, fetch, budget, armed)
-        except ReentrancyError:
-            # The request was sent from inside its own flight (a hook or an auth flow):
-            # waiting would deadlock, so it goes on its own.
-            policy.bypassed("reentrant")
-            return await self._inner.handle_async_request(request)
-        except BaseException as exc:
-            fresh = policy.failed(exc, request, ran)
-            if fresh is exc:
-                raise
-            raise fresh from exc
-        return policy.deliver(request, value, role)
-
-    async def _fetch(self, request: httpx.Request, progress: Progress) -> Value:
-        """The leader's work: send, then buffer the raw body into a Snapshot (or don't)."""
-        policy = self._policy
-        progress.start()  # each step tells waiting followers the request is not silent
-        response = await self._inner.handle_async_request(request)
-        progress.advance()
-        kept = False  # True once the live response is handed on, still open
-        try:
-            if policy.unshared(request, response):
-                kept = True
-                return Unshared(response)
-            limit = policy.options.max_body_size
-            chunks: list[bytes] = []
-            size = 0
-            # Iterate .stream itself: aiter_raw() refuses pre-read (MockTransport) responses,
-            # and aread() decodes, which would make every caller's client decode twice.
-            if response.is_stream_consumed and not isinstance(response.stream, httpx.ByteStream):
-                return policy.decoded(request, response)  # a one-shot stream, read elsewhere
-            rest = response.stream.__aiter__()  # type: ignore[union-attr]
-            async for chunk in rest:
-                chunks.append(chunk)
-                size += len(chunk)
-                progress.advance(len(chunk))
-                if size > limit:
-                    kept = True
-                    return policy.oversized(response, Rest(chunks, rest, response))
-            return policy.snapshot(request, response, b"".join(chunks))
-        finally:
-            if not kept:
-                await response.aclose()
+        return await self._sender.send(request)
 
     async def aclose(self) -> None:
         """Close the inner transport."""
+        self._sender.closed = True
         await self._inner.aclose()
 
     async def __aenter__(self) -> AsyncSingleflightTransport:
@@ -184,6 +119,7 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
         exc_value: BaseException | None = None,
         traceback: TracebackType | None = None,
     ) -> None:
+        self._sender.closed = True
         await self._inner.__aexit__(exc_type, exc_value, traceback)
 
 
@@ -216,10 +152,17 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
                 f"inner must be an httpx.BaseTransport, got {type(inner).__name__}; pass e.g. "
                 "httpx.HTTPTransport() (use AsyncSingleflightTransport for an async one)"
             )
+        identity = sender_identity(inner, built=inner is None)
         self._policy = Policy(
-            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier
+            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier, identity
         )  # sync tier (issue 14): tier, was None
+        # A group= brings its own tier: it must serve sync work (issue 14).
+        require = getattr(self._policy.group.tier, "require", None)
+        if require is not None:
+            require(False, "SingleflightTransport(group=...)")
         self._inner = inner if inner is not None else httpx.HTTPTransport()
+        self._sender = SyncSender(self._policy, self._inner)
+        self.handle_request = self._sender.send  # type: ignore[method-assign]
 
     @property
     def inner(self) -> httpx.BaseTransport:
@@ -228,65 +171,11 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` once per key in flight; return this caller's own Response."""
-        policy = self._policy
-        key, reason = policy.key_or_reason(request)
-        if key is None:
-            policy.bypassed(reason)
-            return self._inner.handle_request(request)
-        ran = False
-        progress = progress_of(policy.group, key)
-
-        def fetch() -> Value:
-            nonlocal ran
-            ran = True
-            return self._fetch(request, progress)
-
-        budget = read_timeout(request)  # a follower keeps its own, as on the async side
-        try:
-            value, role = policy.follow_sync(key, fetch, budget, progress, lambda: ran)
-        except ReentrancyError:
-            policy.bypassed("reentrant")
-            return self._inner.handle_request(request)
-        except BaseException as exc:
-            fresh = policy.failed(exc, request, ran)
-            if isinstance(exc, TimeoutError) and not ran:  # our own wait: do_sync_bounded
-                raise waited_too_long(request, budget or 0.0) from exc
-            if fresh is exc:
-                raise
-            raise fresh from exc
-        return policy.deliver(request, value, role)
-
-    def _fetch(self, request: httpx.Request, progress: Progress) -> Value:
-        """The leader's work: send, then buffer the raw body into a Snapshot (or don't)."""
-        policy = self._policy
-        progress.start()
-        response = self._inner.handle_request(request)
-        progress.advance()
-        kept = False
-        try:
-            if policy.unshared(request, response):
-                kept = True
-                return Unshared(response)
-            limit = policy.options.max_body_size
-            chunks: list[bytes] = []
-            size = 0
-            if response.is_stream_consumed and not isinstance(response.stream, httpx.ByteStream):
-                return policy.decoded(request, response)  # a one-shot stream, read elsewhere
-            rest = iter(response.stream)  # type: ignore[arg-type]
-            for chunk in rest:
-                chunks.append(chunk)
-                size += len(chunk)
-                progress.advance(len(chunk))
-                if size > limit:
-                    kept = True
-                    return policy.oversized(response, Rest(chunks, rest, response))
-            return policy.snapshot(request, response, b"".join(chunks))
-        finally:
-            if not kept:
-                response.close()
+        return self._sender.send(request)
 
     def close(self) -> None:
         """Close the inner transport."""
+        self._sender.closed = True
         self._inner.close()
 
     def __enter__(self) -> SingleflightTransport:
@@ -299,4 +188,5 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         exc_value: BaseException | None = None,
         traceback: TracebackType | None = None,
     ) -> None:
+        self._sender.closed = True
         self._inner.__exit__(exc_type, exc_value, traceback)

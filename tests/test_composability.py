@@ -290,9 +290,10 @@ async def test_hishel_warm_burst_is_served_from_cache(order, upstream, storage):
     assert {r.json()["hit"] for r in warm} == {1}
     assert storage.lookups - lookups == expected_lookups
     if order == "singleflight-outside":
-        # One cache read for the burst, shared; hishel's status does not come through.
+        # One cache read for the burst, shared; hishel's status comes through to every caller
+        # (a wrapped transport's extensions are kept: issue 12 item 2).
         assert roles(warm) == {"leader": 1, "follower": N - 1}
-        assert all("caching" not in r.extensions for r in warm)
+        assert {r.extensions["caching"]["from_cache"] for r in warm} == {True}
         assert storage.rows() == 1
     else:
         # Hits never reach singleflight; each one read the cache (and it holds N copies).
@@ -406,7 +407,7 @@ async def test_wrapped_mounts_share_one_group():
         shared = AsyncSingleflightTransport()
 
         def wrapped() -> AsyncSingleflightTransport:
-            return AsyncSingleflightTransport(httpx.AsyncHTTPTransport(), group=shared.group)
+            return AsyncSingleflightTransport(group=shared.group)  # default sender: shares
 
         first = httpx.AsyncClient(transport=shared, mounts={two.url: wrapped()})
         second = httpx.AsyncClient(mounts={one.url: wrapped(), two.url: wrapped()})

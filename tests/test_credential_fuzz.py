@@ -498,3 +498,117 @@ async def test_userinfo_next_to_a_header_name_does_not_share(echo):
     for r in (r1, r2):
         check([], r.request.headers.raw, r.json()["headers"])
     assert transport.stats.leaders == 2
+
+
+# -- who sends: TLS identities, verification modes, proxies, SNI (httpx) --------------------------
+#
+# Every caller picks a sender (an inner transport: client certificate alice / bob / none; verify
+# against the server's CA, against another CA, or not at all; direct, through one of two CONNECT
+# proxies, or from another local address) and an SNI name. All senders of an example share one
+# http_group(ttl=60). The HTTPS echo reports the client certificate, SNI and source address it
+# saw: each caller must see exactly its own, or fail exactly as plain httpx fails (a bad CA, a
+# name its checks refuse), never be answered by another sender's flight or cache entry.
+
+SENDERS: list[tuple[str | None, str, str | None]] = [  # (client cert, verify, route)
+    (None, "ca", None),
+    ("alice", "ca", None),
+    ("bob", "ca", None),
+    (None, "off", None),
+    ("alice", "off", None),
+    (None, "other-ca", None),
+    (None, "ca", "p1"),
+    ("alice", "ca", "p2"),
+    (None, "off", "p1"),
+    ("bob", "ca", "127.0.0.4"),
+]
+SOURCES = {None: "127.0.0.1", "p1": "127.0.0.2", "p2": "127.0.0.3", "127.0.0.4": "127.0.0.4"}
+
+
+@st.composite
+def sender_bursts(draw: st.DrawFn) -> tuple[list[int], list[tuple[int, str | None]]]:
+    """Senders (indexes into SENDERS; a config may repeat: another object, another sender),
+    and the callers: (sender slot, SNI name or None) each."""
+    senders = draw(st.lists(st.integers(0, len(SENDERS) - 1), min_size=2, max_size=4))
+    callers = draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, len(senders) - 1), st.sampled_from([None, None, "other.test"])
+            ),
+            min_size=2,
+            max_size=16,
+        )
+    )
+    return senders, callers
+
+
+def test_httpx_tls_identities_and_proxies_never_cross(loop_thread):
+    from singleflight.httpx import http_group
+
+    from .http.tls_upstream import client_context, tls_world
+
+    tally = TALLIES.setdefault("httpx-tls", Tally())
+    started = time.monotonic()
+    serial: dict[int, int] = {}  # id(client) -> a number never reused (ids are, once closed)
+
+    async def one(client: httpx.AsyncClient, url: str, sender: int, sni: str | None) -> str:
+        cert, verify, route = SENDERS[sender]
+        _identity.set((serial[id(client)], sni))  # a sender never met before: its own number
+        extensions = {} if sni is None else {"sni_hostname": sni}
+        sent_sni = None if route in ("p1", "p2") else sni  # httpcore's tunnels ignore it
+        refused = verify == "other-ca" or (verify == "ca" and sent_sni is not None)
+        try:
+            r = await client.get(url, extensions=extensions)
+        except httpx.ConnectError:
+            assert refused, (SENDERS[sender], sni)  # failed as plain httpx fails, no sooner
+            return "refused"
+        assert not refused, (SENDERS[sender], sni, r.json())  # answered past its own checks
+        seen = r.json()
+        assert (seen["cert"], seen["peer"], seen["sni"]) == (cert, SOURCES[route], sent_sni)
+        return str(r.extensions["singleflight"])
+
+    async def burst(server: Any, proxies: Any, senders: list[int], callers: Any) -> None:
+        group = http_group(ttl=60)
+        group.do_with_role = tally.spy(group.do_with_role, current_identity)  # type: ignore[method-assign]
+        clients = []
+        for index in senders:
+            cert, verify, route = SENDERS[index]
+            options: dict[str, Any] = {
+                "verify": client_context(cert, verify),
+                # A new connection per request: TLS checks run on every request, as a lone
+                # caller's would (httpcore reuses a checked connection by origin only).
+                "limits": httpx.Limits(max_keepalive_connections=0),
+            }
+            if route in proxies:
+                options["proxy"] = proxies[route].url
+            elif route is not None:
+                options["local_address"] = route
+            inner = httpx.AsyncHTTPTransport(**options)
+            wrapped = AsyncSingleflightTransport(inner, group=group)
+            clients.append(httpx.AsyncClient(transport=wrapped, timeout=10))
+            serial[id(clients[-1])] = next(_paths)
+        url = f"{server.url}/tls/{next(_paths)}?delay=1"
+        try:
+            for _wave in range(2):
+                roles = await asyncio.wait_for(
+                    asyncio.gather(*[one(clients[s], url, senders[s], sni) for s, sni in callers]),
+                    20,
+                )
+                tally.requests += len(roles)
+                tally.shared += sum(r in ("follower", "cache") for r in roles)
+        finally:
+            for c in clients:
+                await c.aclose()
+        tally.header_sets += len({(s, sni) for s, sni in callers})
+        assert group.in_flight == 0
+
+    with tls_world() as (server, proxies):
+
+        @settings(FUZZ, max_examples=max(FUZZ_EXAMPLES // 3, 5))
+        @given(sender_bursts())
+        def run(drawn: tuple[list[int], list[tuple[int, str | None]]]) -> None:
+            loop_thread.run(burst(server, proxies, *drawn))
+
+        run()
+    tally.seconds += time.monotonic() - started
+    tally.check_keys()
+    assert tally.shared >= tally.requests // 5  # same sender, same SNI: they did share

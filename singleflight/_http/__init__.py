@@ -10,9 +10,10 @@ one Redis tier) agree on what is the same request and what may be shared:
     Snapshot --is_cacheable()-------> may the TTL layer / Redis tier keep it?
 
 One concept a module: ``key`` (what separates callers), ``rules`` (bypass / never shared /
-cacheable), ``snapshot`` (the shared response and its codec), ``options`` (checked adapter
-options and their Group), ``timing`` (a follower's own read timeout); ``headers`` holds the
-header-pair helpers they all read with.
+cacheable, which URLs a write invalidates), ``snapshot`` (the shared response and its codec),
+``options`` (checked adapter options and their Group), ``timing`` (a follower's own read
+timeout), ``invalidation`` (a write drops a group's cached reads of the URLs it changed);
+``headers`` holds the header-pair helpers they all read with.
 """
 
 from .headers import HeaderPairs as HeaderPairs
@@ -25,12 +26,14 @@ from .key import (
     normalise_url as normalise_url,
     request_key as request_key,
 )
-from .options import HTTPOptions as HTTPOptions
+from .options import HTTPOptions as HTTPOptions, http_group as http_group
 from .rules import (
     CACHEABLE_STATUSES as CACHEABLE_STATUSES,
     DEFAULT_MAX_BODY_SIZE as DEFAULT_MAX_BODY_SIZE,
     DEFAULT_METHODS as DEFAULT_METHODS,
+    ClientClosed as ClientClosed,
     bypass_reason as bypass_reason,
+    invalidated_urls as invalidated_urls,
     is_cacheable as is_cacheable,
     unshareable_reason as unshareable_reason,
 )
@@ -48,6 +51,7 @@ __all__ = (
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_METHODS",
     "SNAPSHOT_CODEC",
+    "ClientClosed",
     "Deadline",
     "HTTPOptions",
     "HeaderFilter",
@@ -57,6 +61,8 @@ __all__ = (
     "Snapshot",
     "SnapshotCodec",
     "bypass_reason",
+    "http_group",
+    "invalidated_urls",
     "is_cacheable",
     "key_from_parts",
     "normalise_url",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
+import weakref
 from collections.abc import Callable, Hashable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, final
@@ -19,10 +21,10 @@ from .key import (
     _split_url,
     key_from_parts,
 )
-from .rules import DEFAULT_MAX_BODY_SIZE, DEFAULT_METHODS
+from .rules import DEFAULT_MAX_BODY_SIZE, DEFAULT_METHODS, ClientClosed
 from .snapshot import SNAPSHOT_CODEC, _snapshot_is_cacheable
 
-__all__ = ("HTTPOptions",)
+__all__ = ("HTTPOptions", "http_group")
 
 
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token (method names)
@@ -58,9 +60,41 @@ def _check_ttl(ttl: object) -> float | None:
         raise _fail_type("ttl", "a number of seconds or None", ttl, "pass e.g. ttl=5.0")
     if not (ttl > 0 and math.isfinite(ttl)):
         raise ValueError(
-            f"ttl must be > 0 and finite, got {ttl!r}; pass ttl=None to disable caching"
+            f"ttl must be > 0 and finite, got {ttl!r}; pass ttl=None for no cache, or "
+            "cache=cachetools.LRUCache(1024) to keep values without expiry"
         )
     return float(ttl)
+
+
+def _check_tier(tier: object) -> None:
+    if tier is not None and not callable(getattr(tier, "run", None)):
+        raise _fail_type(
+            "tier",
+            "a shared tier such as singleflight.redis.RedisTier (an object with async run())",
+            tier,
+            "pass e.g. tier=RedisTier(redis.asyncio.Redis()), or tier=None",
+        )
+
+
+# Every Group an HTTP adapter uses was built here: it stores only cacheable Snapshots and
+# re-elects on the client libraries' timeouts. A hand-built Group is refused (make_group).
+_HTTP_GROUPS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _client_timeouts() -> tuple[type[BaseException], ...]:
+    """The exceptions that end only a leader's own attempt, for every client library present.
+
+    A Group may be shared by httpx transports and aiohttp middlewares alike, so each re-elects
+    on all of them: httpx's timeouts, aiohttp's (``asyncio.TimeoutError``), a closed client.
+    """
+    found: list[type[BaseException]] = [ClientClosed, asyncio.TimeoutError]
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - aiohttp without httpx
+        pass
+    else:
+        found.append(httpx.TimeoutException)
+    return tuple(found)
 
 
 def _check_maxsize(maxsize: object) -> int:
@@ -189,28 +223,45 @@ class HTTPOptions:
         """make_group returns ``group`` as given, or a new Group with this cache and policy.
 
         A new Group stores only cacheable Snapshots (``cache_if``), re-elects on ``reelect_on``
-        (the client library's timeout exceptions) and stores Snapshots in ``tier`` with
-        ``SNAPSHOT_CODEC``. A given ``group`` keeps its own cache and tier, so ``ttl``/``cache``/
-        ``tier`` alongside it are refused.
+        and on every client library's timeout and closed client, and stores Snapshots in
+        ``tier`` with ``SNAPSHOT_CODEC``. A given ``group`` must have been built here (another
+        adapter's ``.group``, or ``http_group()``): a hand-built Group would cache 5xx and
+        ``no-store`` responses. It keeps its own cache and tier, so ``ttl``/``cache``/``tier``
+        alongside it are refused.
         """
         from singleflight._group import Group
 
+        _check_tier(tier)
         if group is not None:
             if not isinstance(group, Group):
-                raise _fail_type("group", "a singleflight.Group", group, "or group=None")
+                raise _fail_type(
+                    "group",
+                    "a singleflight.Group",
+                    group,
+                    "pass another transport's .group, http_group(...) or group=None",
+                )
             if self.ttl is not None or self.cache is not None or tier is not None:
                 raise ValueError(
-                    "group= brings its own cache and tier: pass ttl=/cache=/tier= to the Group "
-                    "(Group(cache=..., tier=...)) or drop group="
+                    "group= brings its own cache and tier: pass ttl=/cache=/tier= to "
+                    "http_group(ttl=..., tier=...) when you build it, or drop group="
+                )
+            if group not in _HTTP_GROUPS:
+                raise ValueError(
+                    "group= must be built for HTTP: a hand-built Group would cache 5xx and "
+                    "no-store responses and share a leader's timeout; pass another transport's "
+                    "or middleware's .group, or build it with http_group(ttl=..., tier=...) "
+                    "from singleflight.httpx or singleflight.aiohttp"
                 )
             return group
-        return Group(
+        built: Group[Any] = Group(
             self.make_cache(),
             cache_if=_snapshot_is_cacheable,
-            reelect_on=reelect_on,
+            reelect_on=tuple(dict.fromkeys(reelect_on + _client_timeouts())),
             tier=tier,
             codec=SNAPSHOT_CODEC,
         )
+        _HTTP_GROUPS.add(built)
+        return built
 
     def key_for(
         self,
@@ -240,3 +291,22 @@ class HTTPOptions:
         return key_from_parts(
             method, url, userinfo, headers, ignore=self.ignore_headers, extra=extra
         )
+
+
+def http_group(
+    *,
+    ttl: float | None = None,
+    maxsize: int = 1024,
+    cache: MutableMapping[Any, Any] | None = None,
+    tier: Any = None,
+) -> Group[Any]:
+    """http_group builds a Group for the HTTP adapters' ``group=``, with their rules built in.
+
+    It stores only responses an HTTP cache may keep (never a 5xx, ``no-store``, ``Set-Cookie``
+    ...), re-elects a follower when a leader's own timeout fires or its client closes, and keeps
+    Snapshots in ``tier`` (e.g. ``singleflight.redis.RedisTier``) with the safe codec. Options
+    are checked as the adapters check them: ``ttl`` seconds (None: no cache), ``maxsize``, or
+    your own ``cache`` mapping. The only way to hand a Group of your own to ``group=``.
+    """
+    options = HTTPOptions.build(ttl=ttl, maxsize=maxsize, cache=cache)
+    return options.make_group(tier=tier)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from typing import Final
+from urllib.parse import urljoin, urlsplit
 
 from .headers import HeaderPairs, _lower, _text
+from .key import normalise_url
 
 __all__ = (
     "CACHEABLE_STATUSES",
+    "ClientClosed",
     "DEFAULT_MAX_BODY_SIZE",
     "DEFAULT_METHODS",
     "bypass_reason",
+    "invalidated_urls",
     "is_cacheable",
     "unshareable_reason",
 )
@@ -78,15 +82,19 @@ def bypass_reason(
 
 
 def unshareable_reason(
-    headers: HeaderPairs, *, max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    headers: HeaderPairs, *, max_body_size: int = DEFAULT_MAX_BODY_SIZE, status: int = 200
 ) -> str | None:
     """unshareable_reason says why a response goes to its leader only, or None to share it.
 
-    Judged from the headers alone, before any body is read: ``Set-Cookie`` (a session must not
-    leak to other callers), ``Content-Type: text/event-stream`` (endless), or a ``Content-Length``
-    above ``max_body_size``. A body without ``Content-Length`` that grows past the limit while it
-    is read is the adapter's to catch (then it streams the rest to the leader).
+    Judged from the status and headers alone, before any body is read: a 1xx ``status`` (``101
+    Switching Protocols`` hands its caller the connection itself, which no copy can carry),
+    ``Set-Cookie`` (a session must not leak to other callers), ``Content-Type:
+    text/event-stream`` (endless), or a ``Content-Length`` above ``max_body_size``. A body
+    without ``Content-Length`` that grows past the limit while it is read is the adapter's to
+    catch (then it streams the rest to the leader).
     """
+    if 100 <= status < 200:
+        return "informational"
     for raw_name, raw_value in headers:
         name = _lower(raw_name)
         if name not in _SHARE_HEADERS:
@@ -130,3 +138,40 @@ def is_cacheable(status: int, response_headers: HeaderPairs, request_headers: He
         if name in ("cache-control", "pragma") and _directives(_text(raw_value)) & _REFUSE:
             return False
     return True
+
+
+class ClientClosed(Exception):
+    """ClientClosed: the leader's own client was closed while its request was in flight.
+
+    The rule: that ends the leader's attempt only, like its cancellation. An adapter raises it
+    from the leader's work (chained to the client library's error) and hands the leader the
+    original error; every HTTP Group re-elects on it, so one follower makes the request afresh
+    and the other clients' callers never see the closed client's error.
+    """
+
+
+_SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+_LOCATIONS: Final = frozenset({"location", "content-location"})
+
+
+def invalidated_urls(
+    method: str, status: int, url: str, response_headers: HeaderPairs
+) -> tuple[str, ...]:
+    """invalidated_urls lists the normalised URLs whose cached GET/HEAD responses a write ends.
+
+    RFC 9111 §4.4: a non-error response (2xx, 3xx) to an unsafe method (PUT, POST, DELETE,
+    PATCH, anything but GET/HEAD/OPTIONS/TRACE) invalidates the target URL, and the URLs in its
+    ``Location`` and ``Content-Location`` (resolved against the target) when they share its
+    origin; another origin's entries are never touched. Otherwise it returns ``()``.
+    """
+    if method.upper() in _SAFE_METHODS or not 200 <= status < 400:
+        return ()
+    target = normalise_url(url)
+    origin = urlsplit(target)[:2]
+    found = [target]
+    for raw_name, raw_value in response_headers:
+        if _lower(raw_name) in _LOCATIONS:
+            other = normalise_url(urljoin(target, _text(raw_value).strip()))
+            if urlsplit(other)[:2] == origin and other not in found:
+                found.append(other)
+    return tuple(found)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final, final
+from types import MappingProxyType
+from typing import Any, Final, final
 
 from .headers import HeaderPairs, _bytes
 from .rules import is_cacheable
@@ -17,6 +19,9 @@ __all__ = (
 )
 
 
+_NONE: Final[Mapping[str, Any]] = MappingProxyType({})
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -26,7 +31,10 @@ class Snapshot:
     ``body`` holds the bytes as received by the adapter (httpx: still content-encoded; aiohttp
     with ``auto_decompress``: decoded, see the key's ``extra``). Every caller builds its own
     response object from it; the body bytes are shared, never copied. ``cacheable`` is decided
-    once by the leader from its request and the response (``is_cacheable``).
+    once by the leader from its request and the response (``is_cacheable``). ``extensions``
+    holds what the client library told about the response beyond its bytes, safe to hand to
+    every caller (httpx: every response extension but the leader's ``network_stream``); it is
+    in-process only: the codec does not keep it.
     """
 
     status: int
@@ -35,6 +43,7 @@ class Snapshot:
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes
     cacheable: bool = field(default=False, compare=False)
+    extensions: Mapping[str, Any] = field(default_factory=lambda: _NONE, compare=False, repr=False)
 
     @classmethod
     def build(

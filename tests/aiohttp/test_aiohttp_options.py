@@ -11,7 +11,7 @@ import pytest
 from _aiohttp_support import bounded, joined
 
 from singleflight import Group
-from singleflight.aiohttp import SingleflightMiddleware, served
+from singleflight.aiohttp import SingleflightMiddleware, http_group, served
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,7 +46,7 @@ def test_options_are_keyword_only():
 
 
 async def test_a_shared_group_coalesces_across_middlewares(upstream, make_session):
-    group = Group(cachetools.TTLCache(maxsize=8, ttl=60))
+    group = http_group(cache=cachetools.TTLCache(maxsize=8, ttl=60))  # a Group built for HTTP
     a, b = SingleflightMiddleware(group=group), SingleflightMiddleware(group=group)
     assert a.group is group and b.group is group
     sa, sb = make_session(a), make_session(b)

@@ -15,6 +15,7 @@ from singleflight._http import (
     RequestKey,
     Snapshot,
     bypass_reason,
+    http_group,
     is_cacheable,
     normalise_url,
     request_key,
@@ -189,6 +190,18 @@ def test_unshareable_reason(headers, reason):
     assert unshareable_reason(headers, max_body_size=100) == reason
 
 
+@pytest.mark.parametrize("status", [100, 101, 102, 103, 199])
+def test_an_informational_response_is_never_shared(status):
+    # 101 Switching Protocols hands its caller the connection: no copy can carry it.
+    assert unshareable_reason([], status=status) == "informational"
+    assert unshareable_reason([(b"Content-Length", b"0")], status=status) == "informational"
+
+
+@pytest.mark.parametrize("status", [200, 204, 304, 404, 503])
+def test_final_statuses_are_shared(status):
+    assert unshareable_reason([], status=status) is None
+
+
 @pytest.mark.parametrize("status", sorted(CACHEABLE_STATUSES))
 def test_cacheable_statuses(status):
     assert is_cacheable(status, [], [])
@@ -344,8 +357,10 @@ def test_make_group():
     opts = HTTPOptions.build(ttl=5)
     group = opts.make_group()
     assert isinstance(group, Group) and isinstance(group.cache, TTLCache)
-    shared = Group()
+    shared = http_group()
     assert HTTPOptions.build().make_group(group=shared) is shared
+    with pytest.raises(ValueError, match=r"built for HTTP.*http_group\(ttl="):
+        HTTPOptions.build().make_group(group=Group())  # hand-built: no HTTP rules
     with pytest.raises(ValueError, match="group= brings its own cache"):
         opts.make_group(group=shared)
     with pytest.raises(TypeError, match="group"):
