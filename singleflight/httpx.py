@@ -157,9 +157,16 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
             methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier, identity
         )  # sync tier (issue 14): tier, was None
         # A group= brings its own tier: it must serve sync work (issue 14).
-        require = getattr(self._policy.group.tier, "require", None)
+        shared_tier = self._policy.group.tier
+        require = getattr(shared_tier, "require", None)
         if require is not None:
             require(False, "SingleflightTransport(group=...)")
+        elif shared_tier is not None and not hasattr(shared_tier, "run_sync"):
+            raise ValueError(
+                "group= has a tier, which serves async work only: SingleflightTransport cannot "
+                "use it; use AsyncSingleflightTransport(tier=...), a sync tier "
+                "(RedisTier(redis.Redis(...))), or a group built without tier="
+            )
         self._inner = inner if inner is not None else httpx.HTTPTransport()
         self._sender = SyncSender(self._policy, self._inner)
         self.handle_request = self._sender.send  # type: ignore[method-assign]
