@@ -39,6 +39,7 @@ from singleflight._http import (
     progress_of,
     unshareable_reason,
 )
+from singleflight._http.stale import refreshing, settle_refresh
 from singleflight._observe import note_call
 
 __all__ = ("SingleflightMiddleware", "served")
@@ -46,6 +47,10 @@ __all__ = ("SingleflightMiddleware", "served")
 # How each response this middleware returned was served. Weak keys: the entry dies with the
 # response, and nothing is added to aiohttp's objects or to the response headers.
 _served: weakref.WeakKeyDictionary[ClientResponse, str] = weakref.WeakKeyDictionary()
+
+
+async def _close(response: ClientResponse) -> None:
+    response.close()
 
 
 def served(response: ClientResponse) -> str | None:
@@ -86,6 +91,10 @@ class SingleflightMiddleware:
         group: a ``singleflight.Group`` to share flights with other adapters or sessions; give it
             ``reelect_on=(asyncio.TimeoutError,)`` so a leader's socket timeout re-elects too.
         tier: a shared tier (``singleflight.redis.RedisTier``) for one flight across processes.
+        stale_ttl: with ``ttl``: for this many more seconds answer at once with the expired
+            response (``served`` says ``"stale"``) while one refresh per key runs in the
+            background (docs/aiohttp.md); ``ttl="headers"`` takes both from Cache-Control.
+        max_ttl: with ``ttl="headers"``: the most seconds either time may be.
     """
 
     __slots__ = ("_bypasses", "_group", "_judge_cacheable", "_options")
@@ -94,7 +103,7 @@ class SingleflightMiddleware:
         self,
         *,
         methods: Iterable[str] = DEFAULT_METHODS,
-        ttl: float | None = None,
+        ttl: float | str | None = None,
         maxsize: int = 1024,
         cache: MutableMapping[Any, Any] | None = None,
         key: Callable[[ClientRequest], Hashable | None] | None = None,
@@ -102,6 +111,8 @@ class SingleflightMiddleware:
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         group: Group[Any] | None = None,
         tier: Any = None,
+        stale_ttl: float | None = None,
+        max_ttl: float | None = None,
     ) -> None:
         if hasattr(tier, "require"):  # sync tier (issue 14)
             tier.require(True, "SingleflightMiddleware")  # sync tier (issue 14)
@@ -113,6 +124,8 @@ class SingleflightMiddleware:
             key=key,
             ignore_headers=ignore_headers,
             max_body_size=max_body_size,
+            stale_ttl=stale_ttl,
+            max_ttl=max_ttl,
         )
         # asyncio.TimeoutError covers the leader's sock_read/sock_connect timeouts
         # (ServerTimeoutError); its total timeout arrives as a cancellation, which always
@@ -156,10 +169,16 @@ class SingleflightMiddleware:
                 deadline.deadline = math.inf
             progress = progress_of(self._group, key)
             progress.start()
+            if refreshing() and req.session.closed:  # issue 13: the session ended first
+                raise RuntimeError("the session is closed: no refresh")
             own = resp = await handler(req)
             progress.advance()  # followers see the request is not silent: headers,
             progress.follow(resp.content)  # then every byte the connection feeds the body
-            return await self._share(req, resp)
+            value = await self._share(req, resp)
+            if refreshing():  # nobody reads a refresh's own response (issue 13)
+                resp.release()
+                return await settle_refresh(self._group, key, value, _close)
+            return value
 
         # A follower waits until the shared request is silent for its own sock_read: that request
         # runs on the leader's timeouts, and each re-elected leader's would add up otherwise.

@@ -23,6 +23,13 @@ from singleflight._http import (
     Progress,
     progress_of,
 )
+from singleflight._http.stale import (
+    aclose_refreshes,
+    close_refreshes,
+    refreshing,
+    settle_refresh,
+    settle_refresh_sync,
+)
 from singleflight._httpx import (
     Policy,
     Rest,
@@ -33,6 +40,10 @@ from singleflight._httpx import (
 )
 
 __all__ = ("DEFAULT_IGNORE_HEADERS", "AsyncSingleflightTransport", "SingleflightTransport")
+
+
+async def _aclose(response: httpx.Response) -> None:
+    await response.aclose()
 
 
 class _Shared:
@@ -74,7 +85,7 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
         inner: httpx.AsyncBaseTransport | None = None,
         *,
         methods: Iterable[str] = DEFAULT_METHODS,
-        ttl: float | None = None,
+        ttl: float | str | None = None,
         maxsize: int = 1024,
         cache: MutableMapping[Any, Any] | None = None,
         key: Callable[[httpx.Request], Hashable | None] | None = None,
@@ -82,6 +93,8 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         group: Group[Any] | None = None,
         tier: Any = None,
+        stale_ttl: float | None = None,
+        max_ttl: float | None = None,
     ) -> None:
         if inner is not None and not isinstance(inner, httpx.AsyncBaseTransport):
             raise TypeError(
@@ -91,8 +104,19 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
         if hasattr(tier, "require"):  # sync tier (issue 14)
             tier.require(True, "AsyncSingleflightTransport")  # sync tier (issue 14)
         self._policy = Policy(
-            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier
+            methods,
+            ttl,
+            maxsize,
+            cache,
+            key,
+            ignore_headers,
+            max_body_size,
+            group,
+            tier,
+            stale_ttl,
+            max_ttl,
         )
+        self._owns_group = group is None  # its refreshes end with this transport (issue 13)
         self._inner = inner if inner is not None else httpx.AsyncHTTPTransport()
 
     @property
@@ -116,7 +140,10 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
             ran = True
             for deadline in armed:  # leading now: httpcore enforces our own timeouts
                 deadline.deadline = math.inf
-            return await self._fetch(request, progress_of(policy.group, key))
+            value = await self._fetch(request, progress_of(policy.group, key))
+            if refreshing():  # nobody reads a refresh's own response (issue 13)
+                return await settle_refresh(policy.group, key, value, _aclose)
+            return value
 
         try:
             # With a tier another process may hold the flight: arm our deadline (issue 14)
@@ -171,7 +198,9 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
                 await response.aclose()
 
     async def aclose(self) -> None:
-        """Close the inner transport."""
+        """End the background refreshes (``stale_ttl``), then close the inner transport."""
+        if self._owns_group:
+            await aclose_refreshes(self._policy.group)
         await self._inner.aclose()
 
     async def __aenter__(self) -> AsyncSingleflightTransport:
@@ -184,6 +213,8 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
         exc_value: BaseException | None = None,
         traceback: TracebackType | None = None,
     ) -> None:
+        if self._owns_group:
+            await aclose_refreshes(self._policy.group)
         await self._inner.__aexit__(exc_type, exc_value, traceback)
 
 
@@ -200,7 +231,7 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         inner: httpx.BaseTransport | None = None,
         *,
         methods: Iterable[str] = DEFAULT_METHODS,
-        ttl: float | None = None,
+        ttl: float | str | None = None,
         maxsize: int = 1024,
         cache: MutableMapping[Any, Any] | None = None,
         key: Callable[[httpx.Request], Hashable | None] | None = None,
@@ -208,6 +239,8 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         group: Group[Any] | None = None,
         tier: Any = None,  # sync tier (issue 14)
+        stale_ttl: float | None = None,
+        max_ttl: float | None = None,
     ) -> None:
         if hasattr(tier, "require"):  # sync tier (issue 14)
             tier.require(False, "SingleflightTransport")  # sync tier (issue 14)
@@ -217,8 +250,19 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
                 "httpx.HTTPTransport() (use AsyncSingleflightTransport for an async one)"
             )
         self._policy = Policy(
-            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier
+            methods,
+            ttl,
+            maxsize,
+            cache,
+            key,
+            ignore_headers,
+            max_body_size,
+            group,
+            tier,
+            stale_ttl,
+            max_ttl,
         )  # sync tier (issue 14): tier, was None
+        self._owns_group = group is None  # its refreshes end with this transport (issue 13)
         self._inner = inner if inner is not None else httpx.HTTPTransport()
 
     @property
@@ -239,7 +283,10 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         def fetch() -> Value:
             nonlocal ran
             ran = True
-            return self._fetch(request, progress)
+            value = self._fetch(request, progress)
+            if refreshing():  # nobody reads a refresh's own response (issue 13)
+                return settle_refresh_sync(policy.group, key, value, httpx.Response.close)
+            return value
 
         budget = read_timeout(request)  # a follower keeps its own, as on the async side
         try:
@@ -286,8 +333,11 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
                 response.close()
 
     def close(self) -> None:
-        """Close the inner transport."""
+        """End the background refreshes (``stale_ttl``), then close the inner transport."""
+        join = close_refreshes(self._policy.group) if self._owns_group else None
         self._inner.close()
+        if join is not None:
+            join()  # a refresh in progress ends with the inner transport's connections
 
     def __enter__(self) -> SingleflightTransport:
         self._inner.__enter__()
@@ -299,4 +349,7 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         exc_value: BaseException | None = None,
         traceback: TracebackType | None = None,
     ) -> None:
+        join = close_refreshes(self._policy.group) if self._owns_group else None
         self._inner.__exit__(exc_type, exc_value, traceback)
+        if join is not None:
+            join()

@@ -21,6 +21,7 @@ from .key import (
 )
 from .rules import DEFAULT_MAX_BODY_SIZE, DEFAULT_METHODS
 from .snapshot import SNAPSHOT_CODEC, _snapshot_is_cacheable
+from .stale import StalePolicy, check_stale
 
 __all__ = ("HTTPOptions",)
 
@@ -126,20 +127,24 @@ class HTTPOptions:
     key: _KeyFn | None
     ignore_headers: HeaderFilter
     max_body_size: int
+    stale: StalePolicy | None = None  # stale_ttl= or ttl="headers" (issue 13)
 
     @classmethod
     def build(
         cls,
         *,
         methods: Iterable[str] = DEFAULT_METHODS,
-        ttl: float | None = None,
+        ttl: float | str | None = None,
         maxsize: int = 1024,
         cache: MutableMapping[Any, Any] | None = None,
         key: _KeyFn | None = None,
         ignore_headers: Iterable[str] = DEFAULT_IGNORE_HEADERS,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        stale_ttl: float | None = None,
+        max_ttl: float | None = None,
     ) -> HTTPOptions:
         """build validates every option and returns the options object."""
+        ttl, stale = check_stale(ttl, stale_ttl, max_ttl, cache)
         if cache is not None and not isinstance(cache, MutableMapping):
             raise _fail_type(
                 "cache", "a MutableMapping or None", cache, "pass e.g. cachetools.TTLCache(1024, 5)"
@@ -164,6 +169,7 @@ class HTTPOptions:
             key=key,
             ignore_headers=_check_ignore_headers(ignore_headers),
             max_body_size=_check_max_body_size(max_body_size),
+            stale=stale,
         )
 
     def make_cache(self) -> MutableMapping[Any, Any] | None:
@@ -198,12 +204,21 @@ class HTTPOptions:
         if group is not None:
             if not isinstance(group, Group):
                 raise _fail_type("group", "a singleflight.Group", group, "or group=None")
-            if self.ttl is not None or self.cache is not None or tier is not None:
+            if self.ttl is not None or self.cache is not None or tier is not None or self.stale:
                 raise ValueError(
                     "group= brings its own cache and tier: pass ttl=/cache=/tier= to the Group "
                     "(Group(cache=..., tier=...)) or drop group="
                 )
             return group
+        if self.stale is not None:  # stale-while-revalidate: the Group's own ttl cache
+            return Group(
+                cache_if=_snapshot_is_cacheable,
+                reelect_on=reelect_on,
+                tier=tier,
+                codec=SNAPSHOT_CODEC,
+                maxsize=self.maxsize,
+                **self.stale.group_options(),
+            )
         return Group(
             self.make_cache(),
             cache_if=_snapshot_is_cacheable,
