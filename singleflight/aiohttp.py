@@ -176,8 +176,9 @@ class SingleflightMiddleware:
             progress.follow(resp.content)  # then every byte the connection feeds the body
             value = await self._share(req, resp)
             if refreshing():  # nobody reads a refresh's own response (issue 13)
-                resp.release()
-                return await settle_refresh(self._group, key, value, _close)
+                if type(value) is not Unshared:
+                    resp.release()  # read to the end: its connection goes back to the pool
+                return await settle_refresh(self._group, key, value, resp.status, _close)
             return value
 
         # A follower waits until the shared request is silent for its own sock_read: that request

@@ -21,6 +21,7 @@ from singleflight._http import (
     DEFAULT_MAX_BODY_SIZE,
     DEFAULT_METHODS,
     Progress,
+    Snapshot,
     progress_of,
 )
 from singleflight._http.stale import (
@@ -44,6 +45,10 @@ __all__ = ("DEFAULT_IGNORE_HEADERS", "AsyncSingleflightTransport", "Singleflight
 
 async def _aclose(response: httpx.Response) -> None:
     await response.aclose()
+
+
+def _status(value: Value) -> int:
+    return value.status if isinstance(value, Snapshot) else value.value.status_code
 
 
 class _Shared:
@@ -142,7 +147,7 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
                 deadline.deadline = math.inf
             value = await self._fetch(request, progress_of(policy.group, key))
             if refreshing():  # nobody reads a refresh's own response (issue 13)
-                return await settle_refresh(policy.group, key, value, _aclose)
+                return await settle_refresh(policy.group, key, value, _status(value), _aclose)
             return value
 
         try:
@@ -285,7 +290,8 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
             ran = True
             value = self._fetch(request, progress)
             if refreshing():  # nobody reads a refresh's own response (issue 13)
-                return settle_refresh_sync(policy.group, key, value, httpx.Response.close)
+                status = _status(value)
+                return settle_refresh_sync(policy.group, key, value, status, httpx.Response.close)
             return value
 
         budget = read_timeout(request)  # a follower keeps its own, as on the async side
@@ -334,10 +340,9 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
 
     def close(self) -> None:
         """End the background refreshes (``stale_ttl``), then close the inner transport."""
-        join = close_refreshes(self._policy.group) if self._owns_group else None
+        if self._owns_group:
+            close_refreshes(self._policy.group)
         self._inner.close()
-        if join is not None:
-            join()  # a refresh in progress ends with the inner transport's connections
 
     def __enter__(self) -> SingleflightTransport:
         self._inner.__enter__()
@@ -349,7 +354,6 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         exc_value: BaseException | None = None,
         traceback: TracebackType | None = None,
     ) -> None:
-        join = close_refreshes(self._policy.group) if self._owns_group else None
+        if self._owns_group:
+            close_refreshes(self._policy.group)
         self._inner.__exit__(exc_type, exc_value, traceback)
-        if join is not None:
-            join()

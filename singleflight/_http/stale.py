@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
@@ -20,7 +19,9 @@ if TYPE_CHECKING:
     from singleflight._group import Group
 
 __all__ = (
+    "ERROR_STATUSES",
     "HEADERS",
+    "RefreshError",
     "StalePolicy",
     "aclose_refreshes",
     "check_stale",
@@ -120,32 +121,56 @@ def refreshing() -> bool:
     return REFRESHING.get()
 
 
-def _unshared(group: Group[Any], key: Hashable, value: object) -> Any:
-    """A refresh's response that may not be shared: its key's stale entry goes too."""
-    if type(value) is not Unshared:
-        return None
-    group.forget(key)  # neither the old response nor this one may answer the next caller
-    return value.value
+#: What RFC 5861 counts as an error for stale-if-error: a refresh answered with one of these
+#: keeps the stale response (until its window ends) instead of replacing or removing it.
+ERROR_STATUSES: Final = frozenset({500, 502, 503, 504})
+
+
+class RefreshError(Exception):
+    """A refresh's upstream answered with an error status: the stale response is kept."""
+
+
+def _judge(group: Group[Any], key: Hashable, value: object, status: int) -> Any:
+    """What to do with a refresh's value: returns the live response to close, or None.
+
+    An error status raises ``RefreshError`` (after the response is closed by the caller);
+    a response that may not be shared removes the key's stale entry too.
+    """
+    live = value.value if type(value) is Unshared else None
+    if status in ERROR_STATUSES:
+        return live, RefreshError(f"the refresh of {key!r:.80} was answered {status}")
+    if live is not None:
+        group.forget(key)  # neither the old response nor this one may answer the next caller
+    return live, None
 
 
 async def settle_refresh(
-    group: Group[Any], key: Hashable, value: _V, close: Callable[[Any], Awaitable[Any]]
+    group: Group[Any],
+    key: Hashable,
+    value: _V,
+    status: int,
+    close: Callable[[Any], Awaitable[Any]],
 ) -> _V:
-    """A refresh landed ``value``: an unshareable response is closed (nobody reads it), and
-    removes the stale entry. Returns ``value`` for the flight."""
-    live = _unshared(group, key, value)
+    """A refresh landed ``value`` (its response's ``status``): an unshareable response is
+    closed (nobody reads it) and removes the stale entry; an error status (5xx) raises
+    ``RefreshError``, so the stale response is kept (stale-if-error). Returns ``value``."""
+    live, error = _judge(group, key, value, status)
     if live is not None:
         await close(live)
+    if error is not None:
+        raise error
     return value
 
 
 def settle_refresh_sync(
-    group: Group[Any], key: Hashable, value: _V, close: Callable[[Any], Any]
+    group: Group[Any], key: Hashable, value: _V, status: int, close: Callable[[Any], Any]
 ) -> _V:
     """``settle_refresh`` for sync work (a refresh worker thread)."""
-    live = _unshared(group, key, value)
+    live, error = _judge(group, key, value, status)
     if live is not None:
         close(live)
+    if error is not None:
+        raise error
     return value
 
 
@@ -166,21 +191,9 @@ async def aclose_refreshes(group: Group[Any]) -> None:
         await asyncio.wait(mine, timeout=CLOSE_WAIT)
 
 
-def close_refreshes(group: Group[Any]) -> Callable[[], None]:
-    """Close the Group's refresh threads; returns ``join``: wait (bounded) until they end.
-
-    Call ``join`` after closing the client's connections, which ends a refresh in progress.
-    """
-    front = group._front
-    if not isinstance(front, StaleFront):
-        return lambda: None
-    workers = front._workers
-    threads: list[threading.Thread] = [] if workers is None else list(workers._threads)
-    group.close()
-
-    def join() -> None:
-        for thread in threads:
-            if thread is not threading.current_thread():
-                thread.join(CLOSE_WAIT)
-
-    return join
+def close_refreshes(group: Group[Any]) -> None:
+    """Close the Group's refresh threads: queued refreshes are dropped, and a thread running
+    one ends with it (bounded by that request's own timeouts: a socket closed under a
+    blocked read does not wake it). They are daemon threads: none keeps the process alive."""
+    if isinstance(group._front, StaleFront):
+        group.close()
