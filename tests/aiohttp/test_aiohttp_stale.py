@@ -263,3 +263,20 @@ def test_a_refresh_cancelled_by_loop_shutdown_leaves_nothing(up: ScriptedUpstrea
         sessions.clear()
         tasks.clear()  # the refresh task's frame held the request, and so the session
         gc.collect()
+
+
+async def test_ttl_from_headers(up: ScriptedUpstream) -> None:
+    mw = SingleflightMiddleware(ttl="headers", max_ttl=60)
+    clock = clocked(mw)
+    up.answer = Answer(headers={"Cache-Control": "max-age=10, stale-while-revalidate=20"})
+    async with session_with(mw) as session:
+        assert await get(session, up.url) == ("v1", "leader")
+        clock.now = 9.5
+        assert await get(session, up.url) == ("v1", "cache")
+        clock.now = STALE
+        up.answer = Answer(headers={"Cache-Control": "s-maxage=60"})  # private cache: ignored
+        assert await get(session, up.url) == ("v1", "stale")
+        await refreshed(mw)
+        assert len(mw.group.cache or {}) == 0  # the refresh had no max-age: nothing kept
+        assert await get(session, up.url) == ("v3", "leader")
+    assert_idle(mw.group)

@@ -421,3 +421,48 @@ def test_sync_close_ends_the_refresh_threads(up: ScriptedUpstream) -> None:
     assert not front_of(transport)._refreshing
     assert up.hits == 2
     assert_idle(transport.group)
+
+
+# -- ttl="headers" ----------------------------------------------------------------------------
+
+
+async def test_async_ttl_from_headers(up: ScriptedUpstream) -> None:
+    """max-age and stale-while-revalidate set each response's times; no max-age: not kept."""
+    transport = AsyncSingleflightTransport(ttl="headers")
+    clock = clocked(transport)
+    up.answer = Answer(headers={"Cache-Control": "max-age=10, stale-while-revalidate=20"})
+    async with httpx.AsyncClient(transport=transport) as client:
+        assert role(await client.get(up.url)) == "leader"
+        clock.now = 9.5
+        assert role(await client.get(up.url)) == "cache"
+        clock.now = STALE
+        up.answer = Answer(headers={"Cache-Control": "max-age=10, must-revalidate"})
+        r = await client.get(up.url)
+        assert (r.text, role(r)) == ("v1", "stale")
+        await refreshed(transport)
+        clock.now = STALE + 9.5  # the refresh (at 15) is fresh for 10 s...
+        assert (await client.get(up.url)).text == "v2"
+        clock.now = STALE + 10.5  # ...and must-revalidate: never stale
+        up.answer = Answer(headers={"Cache-Control": "public"})  # no max-age
+        r = await client.get(up.url)
+        assert (r.text, role(r)) == ("v3", "leader")
+        assert len(transport.group.cache or {}) == 0
+        assert up.hits == 3
+    assert_idle(transport.group)
+
+
+def test_sync_ttl_from_headers_is_capped_by_max_ttl(up: ScriptedUpstream) -> None:
+    transport = SingleflightTransport(ttl="headers", max_ttl=10)
+    clock = clocked(transport)
+    up.answer = Answer(headers={"Cache-Control": "max-age=3600, stale-if-error=86400"})
+    with httpx.Client(transport=transport) as client:
+        assert role(client.get(up.url)) == "leader"
+        clock.now = 9.5
+        assert role(client.get(up.url)) == "cache"
+        clock.now = 19.5  # capped at 10 fresh + 10 stale
+        assert role(client.get(up.url)) == "stale"
+        refreshed_sync(transport)
+        clock.now = 29.5 + 10.5  # the refresh (at 19.5) is past both capped windows
+        r = client.get(up.url)
+        assert (r.text, role(r)) == ("v3", "leader")
+    assert_idle(transport.group)
