@@ -56,7 +56,7 @@ async def _close(response: ClientResponse) -> None:
 def served(response: ClientResponse) -> str | None:
     """served says how ``response`` was served: ``"leader"``, ``"follower"`` or ``"cache"``.
 
-    A Redis tier adds ``"shared"``, ``"remote"`` and ``"stale"``. None means the middleware let
+    ``stale_ttl=`` adds ``"stale"``; a Redis tier adds ``"shared"``, ``"remote"`` and ``"stale"``. None means the middleware let
     the request pass straight through (a method not coalesced, a request body, an upgrade...) or
     never saw the response.
     """

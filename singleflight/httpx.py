@@ -74,7 +74,10 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
     with the same key (method, normalised URL, every header but tracing ones) share the first
     one's response; each caller gets its own ``httpx.Response`` with the raw body as received, and
     ``response.extensions["singleflight"]`` says ``"leader"``, ``"follower"`` or ``"cache"``.
-    With ``ttl=`` completed cacheable responses are served from memory until they expire.
+    With ``ttl=`` completed cacheable responses are served from memory until they expire;
+    ``stale_ttl=`` serves them ``"stale"`` at once for that much longer while one background
+    refresh per key runs (``ttl="headers"``: both times from Cache-Control, capped by
+    ``max_ttl``; docs/httpx.md). ``aclose()`` ends the refreshes.
 
     Responses with ``Set-Cookie``, event streams and bodies above ``max_body_size`` go to their
     leader only (streamed); its followers make their own requests. The leader's own timeout or
