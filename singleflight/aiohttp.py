@@ -57,8 +57,8 @@ def served(response: ClientResponse) -> str | None:
     """served says how ``response`` was served: ``"leader"``, ``"follower"`` or ``"cache"``.
 
     ``stale_ttl=`` adds ``"stale"``; a Redis tier adds ``"shared"``, ``"remote"`` and
-    ``"stale"``. None means the middleware let the request pass straight through (a method not coalesced, a request body, an upgrade...) or
-    never saw the response.
+    ``"stale"``. None means the middleware let the request pass straight through (a method
+    not coalesced, a request body, an upgrade...) or never saw the response.
     """
     return _served.get(response)
 
