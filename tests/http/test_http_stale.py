@@ -466,3 +466,40 @@ def test_sync_ttl_from_headers_is_capped_by_max_ttl(up: ScriptedUpstream) -> Non
         r = client.get(up.url)
         assert (r.text, role(r)) == ("v3", "leader")
     assert_idle(transport.group)
+
+
+# -- trio -------------------------------------------------------------------------------------
+
+
+def test_trio_stale_answers_at_once_and_the_refresh_lands(up: ScriptedUpstream) -> None:
+    """On trio the refresh is a system task of the run; it ends with the run at the latest."""
+    trio = pytest.importorskip("trio")
+    transport = AsyncSingleflightTransport(ttl=T, stale_ttl=S)
+    clock = clocked(transport)
+    front = front_of(transport)
+
+    async def main() -> None:
+        with trio.fail_after(10):
+            async with httpx.AsyncClient(transport=transport) as client:
+                assert (await client.get(up.url)).text == "v1"
+                clock.now = STALE
+                gate = up.gate()
+                up.answer = Answer(gate=gate)
+                with trio.fail_after(5):  # the upstream is held
+                    for _ in range(5):
+                        r = await client.get(up.url)
+                        assert (r.text, role(r)) == ("v1", "stale")
+                await wait_until(lambda: up.hits == 2)
+                gate.set()
+                await wait_until(lambda: not front._refreshing)
+                r = await client.get(up.url)
+                assert (r.text, role(r)) == ("v2", "cache")
+                # A second refresh left running when the run ends is cancelled with it.
+                clock.now = STALE + T + 1
+                up.answer = Answer(gate=up.gate())
+                assert role(await client.get(up.url)) == "stale"
+                await wait_until(lambda: up.hits == 3)
+
+    trio.run(main)
+    assert up.hits == 3 and not front._refreshing
+    assert_idle(transport.group)
