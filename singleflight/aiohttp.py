@@ -39,7 +39,7 @@ from singleflight._http import (
     progress_of,
     unshareable_reason,
 )
-from singleflight._http.stale import refreshing, settle_refresh
+from singleflight._http.stale import RefreshError, refreshing, settle_refresh
 from singleflight._observe import note_call
 
 __all__ = ("SingleflightMiddleware", "served")
@@ -204,6 +204,8 @@ class SingleflightMiddleware:
                     deadline.deadline = math.inf
         except ReentrancyError:  # sent from inside its own flight: waiting would deadlock
             return await self._bypass("reentrant", req, handler)
+        except RefreshError as exc:  # joined a refresh answered 5xx: that is our answer
+            value, role = exc.snapshot, "follower"
         except BaseException as exc:
             note_call("leader" if ran else "follower", what="request")
             fresh = exc if ran or exc is mine else fresh_error(exc, req)

@@ -25,6 +25,7 @@ from singleflight._http import (
     progress_of,
 )
 from singleflight._http.stale import (
+    RefreshError,
     aclose_refreshes,
     close_refreshes,
     refreshing,
@@ -167,6 +168,8 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
             # waiting would deadlock, so it goes on its own.
             policy.bypassed("reentrant")
             return await self._inner.handle_async_request(request)
+        except RefreshError as exc:  # joined a refresh answered 5xx: that is our answer
+            value, role = exc.snapshot, "follower"
         except BaseException as exc:
             fresh = policy.failed(exc, request, ran)
             if fresh is exc:
@@ -303,6 +306,8 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         except ReentrancyError:
             policy.bypassed("reentrant")
             return self._inner.handle_request(request)
+        except RefreshError as exc:  # joined a refresh answered 5xx: that is our answer
+            value, role = exc.snapshot, "follower"
         except BaseException as exc:
             fresh = policy.failed(exc, request, ran)
             if isinstance(exc, TimeoutError) and not ran:  # our own wait: do_sync_bounded

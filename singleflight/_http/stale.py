@@ -127,18 +127,26 @@ ERROR_STATUSES: Final = frozenset({500, 502, 503, 504})
 
 
 class RefreshError(Exception):
-    """A refresh's upstream answered with an error status: the stale response is kept."""
+    """A refresh's upstream answered with an error status: the stale response is kept.
+
+    ``snapshot`` is that response: a caller that joined the refresh's flight (its stale
+    window over) gets it as it would from any flight.
+    """
+
+    def __init__(self, message: str, snapshot: Snapshot) -> None:
+        super().__init__(message)
+        self.snapshot = snapshot
 
 
 def _judge(group: Group[Any], key: Hashable, value: object, status: int) -> Any:
     """What to do with a refresh's value: returns the live response to close, or None.
 
-    An error status raises ``RefreshError`` (after the response is closed by the caller);
-    a response that may not be shared removes the key's stale entry too.
+    An error status (5xx) raises ``RefreshError``; a response that may not be shared (an
+    error status too) removes the key's stale entry.
     """
     live = value.value if type(value) is Unshared else None
-    if status in ERROR_STATUSES:
-        return live, RefreshError(f"the refresh of {key!r:.80} was answered {status}")
+    if status in ERROR_STATUSES and isinstance(value, Snapshot):
+        return None, RefreshError(f"the refresh was answered {status}", value)
     if live is not None:
         group.forget(key)  # neither the old response nor this one may answer the next caller
     return live, None

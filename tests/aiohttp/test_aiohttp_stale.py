@@ -280,3 +280,25 @@ async def test_ttl_from_headers(up: ScriptedUpstream) -> None:
         assert len(mw.group.cache or {}) == 0  # the refresh had no max-age: nothing kept
         assert await get(session, up.url) == ("v3", "leader")
     assert_idle(mw.group)
+
+
+async def test_a_caller_joining_a_refresh_answered_5xx_gets_that_response(
+    up: ScriptedUpstream,
+) -> None:
+    mw = SingleflightMiddleware(ttl=T, stale_ttl=S)
+    clock = clocked(mw)
+    async with session_with(mw) as session:
+        assert await get(session, up.url) == ("v1", "leader")
+        clock.now = STALE
+        gate = up.gate()
+        up.answer = Answer(status=503, body="down", gate=gate)
+        assert await get(session, up.url) == ("v1", "stale")
+        await until(lambda: up.hits == 2)
+        clock.now = EXPIRED
+        late = asyncio.ensure_future(get(session, up.url))
+        await until(lambda: mw.stats.followers == 1)
+        gate.set()
+        assert await late == ("down", "follower")
+        await refreshed(mw)
+        assert up.hits == 2 and len(mw.group.cache or {}) == 0
+    assert_idle(mw.group)

@@ -503,3 +503,50 @@ def test_trio_stale_answers_at_once_and_the_refresh_lands(up: ScriptedUpstream) 
     trio.run(main)
     assert up.hits == 3 and not front._refreshing
     assert_idle(transport.group)
+
+
+async def test_async_a_caller_joining_a_refresh_answered_5xx_gets_that_response(
+    up: ScriptedUpstream,
+) -> None:
+    """Past T+S a caller may join the refresh still in flight: it gets its 503, not an error."""
+    transport = AsyncSingleflightTransport(ttl=T, stale_ttl=S)
+    clock = clocked(transport)
+    async with httpx.AsyncClient(transport=transport) as client:
+        assert (await client.get(up.url)).text == "v1"
+        clock.now = STALE
+        gate = up.gate()
+        up.answer = Answer(status=503, body="down", gate=gate)
+        assert role(await client.get(up.url)) == "stale"
+        await wait_until(lambda: up.hits == 2)
+        clock.now = EXPIRED
+        late = asyncio.ensure_future(client.get(up.url))
+        await wait_until(lambda: transport.stats.followers == 1)
+        gate.set()
+        r = await late
+        assert (r.status_code, r.text, role(r)) == (503, "down", "follower")
+        await refreshed(transport)
+        assert up.hits == 2 and len(transport.group.cache or {}) == 0
+    assert_idle(transport.group)
+
+
+def test_sync_a_caller_joining_a_refresh_answered_5xx_gets_that_response(
+    up: ScriptedUpstream,
+) -> None:
+    transport = SingleflightTransport(ttl=T, stale_ttl=S)
+    clock = clocked(transport)
+    with httpx.Client(transport=transport) as client, ThreadPoolExecutor(1) as pool:
+        assert client.get(up.url).text == "v1"
+        clock.now = STALE
+        gate = up.gate()
+        up.answer = Answer(status=503, body="down", gate=gate)
+        assert role(client.get(up.url)) == "stale"
+        up.wait_for_hits(2)
+        clock.now = EXPIRED
+        late = pool.submit(client.get, up.url)
+        wait_until_sync(lambda: transport.stats.followers == 1)
+        gate.set()
+        r = late.result(timeout=10)
+        assert (r.status_code, r.text, role(r)) == (503, "down", "follower")
+        refreshed_sync(transport)
+        assert up.hits == 2
+    assert_idle(transport.group)
