@@ -11,8 +11,9 @@ one Redis tier) agree on what is the same request and what may be shared:
 
 One concept a module: ``key`` (what separates callers), ``rules`` (bypass / never shared /
 cacheable), ``snapshot`` (the shared response and its codec), ``options`` (checked adapter
-options and their Group), ``timing`` (a follower's own read timeout); ``headers`` holds the
-header-pair helpers they all read with.
+options and their Group), ``timing`` (a follower's own read timeout), ``freshness``
+(Cache-Control times for ``ttl="headers"``), ``stale`` (``stale_ttl=``: options, refreshes);
+``headers`` holds the header-pair helpers they all read with.
 """
 
 from .headers import HeaderPairs as HeaderPairs
