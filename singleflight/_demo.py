@@ -28,6 +28,8 @@ MODES = (
     "httpx + singleflight + ttl",
 )
 STALE_MODE = "httpx + singleflight + stale"
+# The same two bursts across an expiry, without stale_ttl: the second one waits upstream.
+EXPIRED_MODE = "httpx + singleflight + ttl, no stale"
 DEFAULT_CONCURRENCY = 20
 
 
@@ -46,6 +48,7 @@ class Result:
     error: str | None = None  # the first failure (a caller's, or the whole mode's)
     gave_up: int = 0  # callers that reached --timeout before their answer came
     latencies_ms: list[float] = field(default_factory=list, repr=False)
+    expiry_p99_ms: float | None = None  # --stale rows: the p99 of the burst after the expiry
 
     def public(self) -> dict[str, Any]:
         """The JSON face: everything but the raw per-caller and per-call samples."""
@@ -60,6 +63,7 @@ class Result:
             "failed": self.failed,
             "error": self.error,
             "gave_up": self.gave_up,
+            "expiry_p99_ms": self.expiry_p99_ms,
         }
 
 
@@ -214,6 +218,7 @@ class _Burst:
     failed: int = 0
     error: str | None = None
     gave_up: int = 0
+    after_ms: list[float] = field(default_factory=list)  # the second burst's latencies
 
     def add(self, other: _Burst) -> None:
         self.wall_ms += other.wall_ms
@@ -223,6 +228,7 @@ class _Burst:
         self.failed += other.failed
         self.error = self.error or other.error
         self.gave_up += other.gave_up
+        self.after_ms = other.latencies_ms
 
 
 def _one_line(exc: BaseException, width: int = 72) -> str:
@@ -297,6 +303,13 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+async def _refreshed(transport: Any, timeout: float = 30.0) -> None:
+    """Wait (bounded) until the transport's background refreshes (stale_ttl) have landed."""
+    tasks = getattr(transport.group._front, "tasks", None)
+    if tasks:
+        await asyncio.wait(list(tasks), timeout=timeout)
+
+
 def _stale_supported() -> bool:
     from .httpx import AsyncSingleflightTransport
 
@@ -347,11 +360,14 @@ async def _burst(
         if mode.endswith("ttl"):
             # Long enough to outlast the first burst even with 100,000 callers to serve.
             transport = AsyncSingleflightTransport(counting, ttl=3600.0)
-        elif mode == STALE_MODE:
-            # Fresh for a moment, then stale for a minute: the second burst, after the fresh
-            # window, is answered from memory at once while one refresh goes upstream.
+        elif mode in (STALE_MODE, EXPIRED_MODE):
+            # Fresh for a moment, then (with stale_ttl) stale for a minute: the second burst,
+            # after the fresh window, is answered from memory at once while one refresh goes
+            # upstream; without stale_ttl it waits for the upstream again.
             fresh = max(0.05, args.delay)
-            options: dict[str, Any] = {"ttl": fresh, "stale_ttl": 60.0}
+            options: dict[str, Any] = {"ttl": fresh}
+            if mode == STALE_MODE:
+                options["stale_ttl"] = 60.0
             transport = AsyncSingleflightTransport(counting, **options)
             pause = fresh * 1.5
         elif "singleflight" in mode:
@@ -364,9 +380,11 @@ async def _burst(
                 return r.extensions.get("singleflight")
 
             result = await _fire(urls, get, queue, advance, args.timeout)
-            if mode.endswith("ttl") or mode == STALE_MODE:  # the second burst
+            if mode.endswith("ttl") or mode in (STALE_MODE, EXPIRED_MODE):  # the second burst
                 await asyncio.sleep(pause)
                 result.add(await _fire(urls, get, queue, advance, args.timeout))
+            if isinstance(transport, AsyncSingleflightTransport):
+                await _refreshed(transport)  # count the stale row's refresh upstream too
             return result
 
     async def count_middleware(
@@ -402,7 +420,7 @@ def _embedded_server(args: argparse.Namespace) -> AbstractContextManager[Any]:
 
 
 def _modes(args: argparse.Namespace) -> tuple[str, ...]:
-    return (*MODES, STALE_MODE) if args.stale else MODES
+    return (*MODES, EXPIRED_MODE, STALE_MODE) if args.stale else MODES
 
 
 def _bursts(mode: str) -> int:
@@ -441,6 +459,8 @@ async def _all_modes(
             result.error = burst.error
             result.gave_up = burst.gave_up
             result.latencies_ms = lat
+            if mode in (STALE_MODE, EXPIRED_MODE) and burst.after_ms:
+                result.expiry_p99_ms = round(_percentile(burst.after_ms, 0.99), 1)
         result.upstream_hits = upstream.hits() if upstream is not None else counter.sent
         results.append(result)
     return results
@@ -498,6 +518,9 @@ def _table(results: list[Result], args: argparse.Namespace, target: str) -> None
         ),
     )
     columns = ["mode", "callers", "upstream calls", "calls saved", "wall ms", "p50 ms", "p99 ms"]
+    expiry = any(r.expiry_p99_ms is not None for r in results)  # --stale
+    if expiry:
+        columns.append("p99 ms after expiry")
     failures = any(r.error or r.gave_up for r in results)
     if failures:
         columns.append("not served")
@@ -516,6 +539,8 @@ def _table(results: list[Result], args: argparse.Namespace, target: str) -> None
                 f"{r.p50_ms:,.1f}",
                 f"{r.p99_ms:,.1f}",
             ]
+        if expiry:
+            row.append("—" if r.expiry_p99_ms is None else f"{r.expiry_p99_ms:,.1f}")
         if failures:
             row.append(_not_served(r, args.timeout))
         table.add_row(*row, style="red" if r.error else None)
@@ -537,6 +562,8 @@ def _label(r: Result) -> str:
         return f"{r.mode}\n(two bursts, the 2nd from memory)"
     if r.mode == STALE_MODE:
         return f"{r.mode}\n(two bursts, the 2nd served stale)"
+    if r.mode == EXPIRED_MODE:
+        return f"{r.mode}\n(two bursts, the 2nd after expiry)"
     return r.mode
 
 

@@ -23,7 +23,7 @@ from ._errors import AWAITS, hash_error, is_cancellation, misused_do
 from ._observe import note_reelection
 from ._oncemap import OnceMap
 from ._reentrancy import is_reentrant, reentrancy_error, runs_flight
-from ._stale import StaleFront
+from ._stale import REFRESHING, StaleFront
 from ._types import Codec, Role, Tier, Unshared
 from ._waiters import (
     ALONE,
@@ -186,6 +186,7 @@ class Flights(Generic[V]):
     ) -> None:
         """Run the key's flight (it stores the new value); an error keeps the stale one."""
         error: BaseException | None = None
+        REFRESHING.set(True)  # this task's own context (a copy of its starter's)
         try:
             await self._run(key, fn, args, kwargs, None, None, refresh=True)
         except Exception as exc:  # logged once by refresh_done; callers keep the stale value

@@ -50,7 +50,7 @@ class Policy:
     def __init__(
         self,
         methods: Iterable[str],
-        ttl: float | None,
+        ttl: float | str | None,
         maxsize: int,
         cache: MutableMapping[Any, Any] | None,
         key: Callable[[httpx.Request], Hashable | None] | None,
@@ -59,6 +59,8 @@ class Policy:
         group: Group[Any] | None,
         tier: Any,
         identity: str,
+        stale_ttl: float | None = None,  # stale-while-revalidate (issue 13)
+        max_ttl: float | None = None,
     ) -> None:
         # The key's adapter facts: raw bodies, and who sends (sender_identity).
         self.extra: tuple[Hashable, ...] = (*_BODY, identity)
@@ -70,6 +72,8 @@ class Policy:
             key=key,
             ignore_headers=ignore_headers,
             max_body_size=max_body_size,
+            stale_ttl=stale_ttl,
+            max_ttl=max_ttl,
         )
         # The leader's own timeout ends only its own attempt: a follower re-runs the request.
         self.group = self.options.make_group(

@@ -15,6 +15,13 @@ from singleflight._group import Group, Role, Unshared
 from singleflight._http import ClientClosed, Deadline, Progress, progress_of
 from singleflight._http.invalidation import Ticket
 from singleflight._http.live import live_of, publish
+from singleflight._http.snapshot import Snapshot
+from singleflight._http.stale import (
+    RefreshError,
+    refreshing,
+    settle_refresh,
+    settle_refresh_sync,
+)
 from singleflight._httpx import Policy, Value
 from singleflight._httpx_live import Live, where
 from singleflight._observe import note_call
@@ -64,7 +71,10 @@ class AsyncSender:
             ran = True
             for deadline in armed:  # leading now: httpcore enforces our own timeouts
                 deadline.deadline = math.inf
-            return await self._lead(request, key, progress_of(policy.group, key), mine)
+            value = await self._lead(request, key, progress_of(policy.group, key), mine)
+            if refreshing():  # nobody reads a refresh's own response (issue 13)
+                return await settle_refresh(policy.group, key, value, _status(value), _aclose)
+            return value
 
         try:
             # With a tier another process may hold the flight: arm our deadline (issue 14).
@@ -80,6 +90,8 @@ class AsyncSender:
             # waiting would deadlock, so it goes on its own.
             policy.bypassed("reentrant")
             return await self.inner.handle_async_request(request)
+        except RefreshError as exc:  # joined a refresh answered 5xx: that is our answer
+            return policy.deliver(request, exc.snapshot, "follower", mine)
         except BaseException as exc:
             fresh = policy.failed(exc, request, ran)
             if fresh is exc:
@@ -144,7 +156,8 @@ class AsyncSender:
             # and aread() decodes, which would make every caller's client decode twice.
             if response.is_stream_consumed and not isinstance(response.stream, httpx.ByteStream):
                 return policy.decoded(request, response)  # a one-shot stream, read elsewhere
-            live = policy.live(request, response, key, ticket, sync=False)
+            # A refresh buffers its body (issue 13): nobody would read a live one.
+            live = None if refreshing() else policy.live(request, response, key, ticket, sync=False)
             if live is not None:
                 kept = True
                 publish(policy.group, key, live)  # late joiners find it
@@ -234,13 +247,19 @@ class SyncSender:
         def fetch() -> Value:
             nonlocal ran
             ran = True
-            return self._lead(request, key, progress, mine)
+            value = self._lead(request, key, progress, mine)
+            if refreshing():  # nobody reads a refresh's own response (issue 13)
+                status = _status(value)
+                return settle_refresh_sync(policy.group, key, value, status, httpx.Response.close)
+            return value
 
         try:
             value, role = self._follow(key, fetch, budget, progress, lambda: ran)
         except ReentrancyError:
             policy.bypassed("reentrant")
             return self.inner.handle_request(request)
+        except RefreshError as exc:  # joined a refresh answered 5xx: that is our answer
+            return policy.deliver(request, exc.snapshot, "follower", mine)
         except BaseException as exc:
             fresh = policy.failed(exc, request, ran)
             if isinstance(exc, TimeoutError) and not ran:  # our own wait: do_sync_bounded
@@ -305,7 +324,7 @@ class SyncSender:
             size = 0
             if response.is_stream_consumed and not isinstance(response.stream, httpx.ByteStream):
                 return policy.decoded(request, response)  # a one-shot stream, read elsewhere
-            live = policy.live(request, response, key, ticket, sync=True)
+            live = None if refreshing() else policy.live(request, response, key, ticket, sync=True)
             if live is not None:
                 kept = True
                 publish(policy.group, key, live)  # late joiners find it
@@ -341,6 +360,17 @@ class SyncSender:
                     raise
                 # Not silent for a whole read timeout: the flight goes on, and we rejoin it.
                 self.policy.rejoins += 1
+
+
+async def _aclose(response: httpx.Response) -> None:
+    await response.aclose()
+
+
+def _status(value: Value) -> int:
+    """The status of a refresh's response (a Snapshot, or an unshared live response)."""
+    if isinstance(value, Snapshot):
+        return value.status
+    return value.status if isinstance(value, Live) else value.value.status_code
 
 
 def read_timeout(request: httpx.Request) -> float | None:

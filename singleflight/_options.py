@@ -35,7 +35,8 @@ def check_ttl(ttl: object, name: str = "ttl") -> float | None:
         raise fail_type(name, "a number of seconds or None", ttl, f"pass e.g. {name}=5.0")
     if not (ttl > 0 and math.isfinite(ttl)):
         raise ValueError(
-            f"{name} must be > 0 and finite, got {ttl!r}; pass {name}=None to disable caching"
+            f"{name} must be > 0 and finite, got {ttl!r}; pass {name}=None for no cache, or "
+            "cache=cachetools.LRUCache(1024) to keep values without expiry"
         )
     return float(ttl)
 

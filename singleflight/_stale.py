@@ -7,6 +7,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, MutableMapping
+from contextvars import ContextVar
 from typing import Any, Final
 
 from ._cache import MISSING
@@ -15,10 +16,15 @@ from ._observe import logger
 from ._oncemap import OnceMap
 from ._waiters import Flight
 
-__all__ = ("REFRESH_THREADS", "StaleFront", "TtlOf")
+__all__ = ("REFRESHING", "REFRESH_THREADS", "StaleFront", "TtlOf")
 
 #: The most worker threads one Group uses for background refreshes of sync work.
 REFRESH_THREADS: Final = 4
+
+#: True while a background refresh runs the work (its task's or thread's own context): the
+#: work can tell that no caller waits for its value (the HTTP adapters close what they
+#: cannot store).
+REFRESHING: ContextVar[bool] = ContextVar("singleflight_refreshing", default=False)
 
 #: Per-value times: ``ttl_of(value) -> (ttl, stale_ttl)``, or None to keep the value out.
 TtlOf = Callable[[Any], "tuple[float, float] | None"]

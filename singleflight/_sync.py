@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ._cache import MISSING
 from ._reentrancy import SYNC_LEADERS, is_reentrant, reentrancy_error, runs_flight
+from ._stale import REFRESHING
 from ._types import Role, Unshared
 from ._waiters import ALONE, LEAD, REELECT, Flight, _ThreadWaiter
 
@@ -103,11 +104,13 @@ def _refresh_sync(
 ) -> None:
     """On a refresh worker thread: run the key's flight; an error keeps the stale value."""
     error: BaseException | None = None
+    token = REFRESHING.set(True)  # the worker thread's context: reset below
     try:
         run_sync(group, key, fn, args, kwargs, refresh=True)
     except Exception as exc:  # logged once by refresh_done; callers keep the stale value
         error = exc
     finally:
+        REFRESHING.reset(token)
         front = group._front
         if front is not None:
             front.refresh_done(key, error)  # type: ignore[union-attr]

@@ -47,6 +47,7 @@ from singleflight._http import (
     progress_of,
 )
 from singleflight._http.options import http_group as http_group  # public: group= builder
+from singleflight._http.stale import RefreshError, refreshing, settle_refresh
 from singleflight._observe import note_call
 
 __all__ = ("SingleflightMiddleware", "served")
@@ -54,6 +55,10 @@ __all__ = ("SingleflightMiddleware", "served")
 # How each response this middleware returned was served. Weak keys: the entry dies with the
 # response, and nothing is added to aiohttp's objects or to the response headers.
 _served: weakref.WeakKeyDictionary[ClientResponse, str] = weakref.WeakKeyDictionary()
+
+
+async def _close(response: ClientResponse) -> None:
+    response.close()
 
 
 def served(response: ClientResponse) -> str | None:
@@ -129,7 +134,7 @@ class SingleflightMiddleware:
         self,
         *,
         methods: Iterable[str] = DEFAULT_METHODS,
-        ttl: float | None = None,
+        ttl: float | str | None = None,
         maxsize: int = 1024,
         cache: MutableMapping[Any, Any] | None = None,
         key: Callable[[ClientRequest], Hashable | None] | None = None,
@@ -137,6 +142,8 @@ class SingleflightMiddleware:
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         group: Group[Any] | None = None,
         tier: Any = None,
+        stale_ttl: float | None = None,
+        max_ttl: float | None = None,
     ) -> None:
         if hasattr(tier, "require"):  # sync tier (issue 14)
             tier.require(True, "SingleflightMiddleware")  # sync tier (issue 14)
@@ -148,6 +155,8 @@ class SingleflightMiddleware:
             key=key,
             ignore_headers=ignore_headers,
             max_body_size=max_body_size,
+            stale_ttl=stale_ttl,
+            max_ttl=max_ttl,
         )
         # asyncio.TimeoutError covers the leader's sock_read/sock_connect timeouts
         # (ServerTimeoutError); its total timeout arrives as a cancellation, which always
@@ -212,13 +221,20 @@ class SingleflightMiddleware:
                 deadline.deadline = math.inf
             progress = progress_of(self._group, key)
             progress.start()
+            if refreshing() and req.session.closed:  # issue 13: the session ended first
+                raise RuntimeError("the session is closed: no refresh")
             try:
                 own = resp = await handler(req)
                 progress.advance()  # followers see the request is not silent: headers,
                 progress.follow(resp.content)  # then every byte the connection feeds the body
                 others = self._waiting.get(key, 0) - follows
                 try:
-                    return await self._settle(key, req, resp, how, others)
+                    value = await self._settle(key, req, resp, how, others)
+                    if refreshing():  # nobody reads a refresh's own response (issue 13)
+                        if type(value) is not Unshared:
+                            resp.release()  # read to the end: its connection goes back
+                        return await settle_refresh(self._group, key, value, resp.status, _close)
+                    return value
                 except BaseException:
                     resp.close()  # handed to nobody: its connection must not leak
                     raise
@@ -254,6 +270,8 @@ class SingleflightMiddleware:
                     deadline.deadline = math.inf
         except ReentrancyError:  # sent from inside its own flight: waiting would deadlock
             return await self._bypass("reentrant", req, handler)
+        except RefreshError as exc:  # joined a refresh answered 5xx: that is our answer
+            value, role, own = exc.snapshot, "follower", None
         except LeaderGone as gone:  # ours; or a given group= that does not re-elect on it
             note_call("leader" if ran else "follower", what="request")
             error = gone.error if ran else fresh_error(gone.error, req)

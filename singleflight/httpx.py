@@ -20,6 +20,7 @@ from singleflight._http import (
     DEFAULT_METHODS,
     http_group,
 )
+from singleflight._http.stale import aclose_refreshes, close_refreshes
 from singleflight._httpx import Policy, sender_identity
 from singleflight._httpx_flight import AsyncSender, SyncSender
 
@@ -70,7 +71,7 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
         inner: httpx.AsyncBaseTransport | None = None,
         *,
         methods: Iterable[str] = DEFAULT_METHODS,
-        ttl: float | None = None,
+        ttl: float | str | None = None,
         maxsize: int = 1024,
         cache: MutableMapping[Any, Any] | None = None,
         key: Callable[[httpx.Request], Hashable | None] | None = None,
@@ -78,6 +79,8 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         group: Group[Any] | None = None,
         tier: Any = None,
+        stale_ttl: float | None = None,
+        max_ttl: float | None = None,
     ) -> None:
         if inner is not None and not isinstance(inner, httpx.AsyncBaseTransport):
             raise TypeError(
@@ -88,8 +91,20 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
             tier.require(True, "AsyncSingleflightTransport")  # sync tier (issue 14)
         identity = sender_identity(inner, built=inner is None)
         self._policy = Policy(
-            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier, identity
+            methods,
+            ttl,
+            maxsize,
+            cache,
+            key,
+            ignore_headers,
+            max_body_size,
+            group,
+            tier,
+            identity,
+            stale_ttl,
+            max_ttl,
         )
+        self._owns_group = group is None  # its refreshes end with this transport (issue 13)
         self._inner = inner if inner is not None else httpx.AsyncHTTPTransport()
         self._sender = AsyncSender(self._policy, self._inner)
         # httpx calls handle_async_request: go straight to the Sender, no coroutine in between.
@@ -105,8 +120,10 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
         return await self._sender.send(request)
 
     async def aclose(self) -> None:
-        """Close the inner transport."""
+        """End the background refreshes (``stale_ttl``), then close the inner transport."""
         self._sender.closed = True
+        if self._owns_group:
+            await aclose_refreshes(self._policy.group)
         await self._inner.aclose()
 
     async def __aenter__(self) -> AsyncSingleflightTransport:
@@ -120,6 +137,8 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
         traceback: TracebackType | None = None,
     ) -> None:
         self._sender.closed = True
+        if self._owns_group:
+            await aclose_refreshes(self._policy.group)
         await self._inner.__aexit__(exc_type, exc_value, traceback)
 
 
@@ -136,7 +155,7 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         inner: httpx.BaseTransport | None = None,
         *,
         methods: Iterable[str] = DEFAULT_METHODS,
-        ttl: float | None = None,
+        ttl: float | str | None = None,
         maxsize: int = 1024,
         cache: MutableMapping[Any, Any] | None = None,
         key: Callable[[httpx.Request], Hashable | None] | None = None,
@@ -144,6 +163,8 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         group: Group[Any] | None = None,
         tier: Any = None,  # sync tier (issue 14)
+        stale_ttl: float | None = None,
+        max_ttl: float | None = None,
     ) -> None:
         if hasattr(tier, "require"):  # sync tier (issue 14)
             tier.require(False, "SingleflightTransport")  # sync tier (issue 14)
@@ -154,8 +175,20 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
             )
         identity = sender_identity(inner, built=inner is None)
         self._policy = Policy(
-            methods, ttl, maxsize, cache, key, ignore_headers, max_body_size, group, tier, identity
-        )  # sync tier (issue 14): tier, was None
+            methods,
+            ttl,
+            maxsize,
+            cache,
+            key,
+            ignore_headers,
+            max_body_size,
+            group,
+            tier,  # sync tier (issue 14)
+            identity,
+            stale_ttl,
+            max_ttl,
+        )
+        self._owns_group = group is None  # its refreshes end with this transport (issue 13)
         # A group= brings its own tier: it must serve sync work (issue 14).
         shared_tier = self._policy.group.tier
         require = getattr(shared_tier, "require", None)
@@ -181,8 +214,10 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         return self._sender.send(request)
 
     def close(self) -> None:
-        """Close the inner transport."""
+        """End the background refreshes (``stale_ttl``), then close the inner transport."""
         self._sender.closed = True
+        if self._owns_group:
+            close_refreshes(self._policy.group)
         self._inner.close()
 
     def __enter__(self) -> SingleflightTransport:
@@ -196,4 +231,6 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
         traceback: TracebackType | None = None,
     ) -> None:
         self._sender.closed = True
+        if self._owns_group:
+            close_refreshes(self._policy.group)
         self._inner.__exit__(exc_type, exc_value, traceback)

@@ -158,12 +158,23 @@ def test_demo_plot_without_matplotlib_is_one_line_before_the_run(tmp_path: Path)
 
 
 def test_demo_stale_reports_what_it_needs_or_runs() -> None:
-    from singleflight._demo import STALE_MODE, _stale_supported
+    from singleflight._demo import EXPIRED_MODE, STALE_MODE, _stale_supported
 
     if _stale_supported():
-        out = results(demo("--requests", "20", "--delay", "0.05", "--stale", "--json"))
-        stale = out[STALE_MODE]
-        assert stale["requests"] == 40 and stale["served"].get("stale", 0) >= 1
+        out = results(demo("--requests", "20", "--delay", "0.2", "--stale", "--json"))
+        stale, expired = out[STALE_MODE], out[EXPIRED_MODE]
+        # Across the expiry: with stale_ttl the second burst is answered from memory at once
+        # (one refresh upstream); without it the second burst waits for the upstream again.
+        assert stale["requests"] == 40 and stale["served"] == {
+            "leader": 1,
+            "follower": 19,
+            "stale": 20,
+        }
+        assert stale["upstream_hits"] == 2 and expired["upstream_hits"] == 2
+        assert expired["served"] == {"leader": 2, "follower": 38}
+        assert expired["expiry_p99_ms"] >= 200 * 0.95  # waited for the 0.2 s upstream
+        assert stale["expiry_p99_ms"] < expired["expiry_p99_ms"]
+        assert stale["expiry_p99_ms"] < 200  # never waited for it
     else:
         one_line_failure(demo("--stale"), 2, "--stale needs stale_ttl support")
 

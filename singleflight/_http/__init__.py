@@ -12,7 +12,9 @@ one Redis tier) agree on what is the same request and what may be shared:
 One concept a module: ``key`` (what separates callers), ``rules`` (bypass / never shared /
 cacheable, which URLs a write invalidates), ``snapshot`` (the shared response and its codec),
 ``options`` (checked adapter options and their Group), ``timing`` (a follower's own read
-timeout), ``invalidation`` (a write drops a group's cached reads of the URLs it changed);
+timeout), ``invalidation`` (a write drops a group's cached reads of the URLs it changed),
+``freshness`` (Cache-Control times for ``ttl="headers"``), ``stale`` (``stale_ttl=``: options,
+refreshes);
 ``headers`` holds the header-pair helpers they all read with.
 """
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import weakref
 from collections.abc import Callable, Hashable, Iterable, MutableMapping
@@ -12,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Final, final
 
 if TYPE_CHECKING:
     from singleflight._group import Group
+
+from singleflight._options import check_ttl
 
 from .headers import HeaderPairs
 from .key import (
@@ -23,6 +24,7 @@ from .key import (
 )
 from .rules import DEFAULT_MAX_BODY_SIZE, DEFAULT_METHODS, ClientClosed
 from .snapshot import SNAPSHOT_CODEC, _snapshot_is_cacheable
+from .stale import StalePolicy, check_stale
 
 __all__ = ("HTTPOptions", "http_group")
 
@@ -54,16 +56,8 @@ def _check_methods(methods: object) -> frozenset[str]:
 
 
 def _check_ttl(ttl: object) -> float | None:
-    if ttl is None:
-        return None
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        raise _fail_type("ttl", "a number of seconds or None", ttl, "pass e.g. ttl=5.0")
-    if not (ttl > 0 and math.isfinite(ttl)):
-        raise ValueError(
-            f"ttl must be > 0 and finite, got {ttl!r}; pass ttl=None for no cache, or "
-            "cache=cachetools.LRUCache(1024) to keep values without expiry"
-        )
-    return float(ttl)
+    """The decorator's rule and message, word for word (one rule for every entry point)."""
+    return check_ttl(ttl)
 
 
 def _check_tier(tier: object) -> None:
@@ -160,20 +154,24 @@ class HTTPOptions:
     key: _KeyFn | None
     ignore_headers: HeaderFilter
     max_body_size: int
+    stale: StalePolicy | None = None  # stale_ttl= or ttl="headers" (issue 13)
 
     @classmethod
     def build(
         cls,
         *,
         methods: Iterable[str] = DEFAULT_METHODS,
-        ttl: float | None = None,
+        ttl: float | str | None = None,
         maxsize: int = 1024,
         cache: MutableMapping[Any, Any] | None = None,
         key: _KeyFn | None = None,
         ignore_headers: Iterable[str] = DEFAULT_IGNORE_HEADERS,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        stale_ttl: float | None = None,
+        max_ttl: float | None = None,
     ) -> HTTPOptions:
         """build validates every option and returns the options object."""
+        ttl, stale = check_stale(ttl, stale_ttl, max_ttl, cache)
         if cache is not None and not isinstance(cache, MutableMapping):
             raise _fail_type(
                 "cache", "a MutableMapping or None", cache, "pass e.g. cachetools.TTLCache(1024, 5)"
@@ -198,6 +196,7 @@ class HTTPOptions:
             key=key,
             ignore_headers=_check_ignore_headers(ignore_headers),
             max_body_size=_check_max_body_size(max_body_size),
+            stale=stale,
         )
 
     def make_cache(self) -> MutableMapping[Any, Any] | None:
@@ -240,7 +239,7 @@ class HTTPOptions:
                     group,
                     "pass another transport's .group, http_group(...) or group=None",
                 )
-            if self.ttl is not None or self.cache is not None or tier is not None:
+            if self.ttl is not None or self.cache is not None or tier is not None or self.stale:
                 raise ValueError(
                     "group= brings its own cache and tier: pass ttl=/cache=/tier= to "
                     "http_group(ttl=..., tier=...) when you build it, or drop group="
@@ -253,13 +252,25 @@ class HTTPOptions:
                     "from singleflight.httpx or singleflight.aiohttp"
                 )
             return group
-        built: Group[Any] = Group(
-            self.make_cache(),
-            cache_if=_snapshot_is_cacheable,
-            reelect_on=tuple(dict.fromkeys(reelect_on + _client_timeouts())),
-            tier=tier,
-            codec=SNAPSHOT_CODEC,
-        )
+        reelect = tuple(dict.fromkeys(reelect_on + _client_timeouts()))
+        built: Group[Any]
+        if self.stale is not None:  # stale-while-revalidate: the Group's own ttl cache
+            built = Group(
+                cache_if=_snapshot_is_cacheable,
+                reelect_on=reelect,
+                tier=tier,
+                codec=SNAPSHOT_CODEC,
+                maxsize=self.maxsize,
+                **self.stale.group_options(),
+            )
+        else:
+            built = Group(
+                self.make_cache(),
+                cache_if=_snapshot_is_cacheable,
+                reelect_on=reelect,
+                tier=tier,
+                codec=SNAPSHOT_CODEC,
+            )
         _HTTP_GROUPS.add(built)
         return built
 
