@@ -289,7 +289,10 @@ def test_sync_read_timeout_bounds_the_wait_on_another_process(
             upstream.open_gate("held3")
             assert lead.result(10).status_code == 200
             got = patient.result(10)
-            assert got.status_code == 200 and got.extensions["singleflight"] == "remote"
+            # It followed a's flight ("remote"), or, re-elected just after a's value landed,
+            # read it from L2 ("shared"): either way no second upstream call (below).
+            assert got.status_code == 200
+            assert got.extensions["singleflight"] in ("remote", "shared")
         assert upstream.hits("/held") == 1
     finally:
         a.close()
