@@ -158,7 +158,8 @@ def test_demo_plot_without_matplotlib_is_one_line_before_the_run(tmp_path: Path)
 
 
 def test_demo_stale_reports_what_it_needs_or_runs() -> None:
-    from singleflight._demo import EXPIRED_MODE, STALE_MODE, _stale_supported
+    from singleflight._demo_cli import _stale_supported
+    from singleflight._demo_report import EXPIRED_MODE, STALE_MODE
 
     if _stale_supported():
         out = results(demo("--requests", "20", "--delay", "0.2", "--stale", "--json"))
@@ -208,7 +209,7 @@ def test_labels_read_right() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "10 GETs spread over 10 URLs" in proc.stdout and "50 URLs" not in proc.stdout
     assert "10 requests → 10 upstream calls" in proc.stdout
-    from singleflight._demo import Result, _saved, headline
+    from singleflight._demo_report import Result, _saved, headline
 
     assert _saved(Result("httpx + singleflight + ttl", 2000, upstream_hits=1)) == "1,999 (99.9 %)"
     assert _saved(Result("httpx + singleflight", 1000, upstream_hits=0)) == "1,000 (100.0 %)"
