@@ -9,9 +9,11 @@ import secrets
 import sys
 import weakref
 from collections.abc import (
+    AsyncIterator,
     Callable,
     Hashable,
     Iterable,
+    Iterator,
     MutableMapping,
 )
 from typing import Any, Final, TypeAlias, TypeVar
@@ -345,3 +347,41 @@ def fresh_error(exc: _E, request: httpx.Request) -> _E:
             return exc
         return new
     return exc
+
+
+def read_timeout(request: httpx.Request) -> float | None:
+    timeout = request.extensions.get("timeout")
+    if isinstance(timeout, dict):
+        read = timeout.get("read")
+        return float(read) if isinstance(read, (int, float)) else None
+    return None
+
+
+def waited_too_long(request: httpx.Request, budget: float) -> httpx.ReadTimeout:
+    return httpx.ReadTimeout(
+        f"waited {budget}s (this request's read timeout) for an identical request in flight",
+        request=request,
+    )
+
+
+class Rest(httpx.AsyncByteStream, httpx.SyncByteStream):
+    """The chunks read so far, then the rest of the upstream body, which closing closes."""
+
+    def __init__(self, head: list[bytes], rest: Any, upstream: httpx.Response) -> None:
+        self._head, self._rest, self._upstream = head, rest, upstream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self._head:
+            yield chunk
+        async for chunk in self._rest:
+            yield chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self._head
+        yield from self._rest
+
+    async def aclose(self) -> None:
+        await self._upstream.aclose()
+
+    def close(self) -> None:
+        self._upstream.close()

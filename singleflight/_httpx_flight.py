@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 import anyio
@@ -22,7 +22,7 @@ from singleflight._http.stale import (
     settle_refresh,
     settle_refresh_sync,
 )
-from singleflight._httpx import Policy, Value
+from singleflight._httpx import Policy, Rest, Value, read_timeout, waited_too_long
 from singleflight._httpx_live import Live, where
 from singleflight._observe import note_call
 
@@ -373,14 +373,6 @@ def _status(value: Value) -> int:
     return value.status if isinstance(value, Live) else value.value.status_code
 
 
-def read_timeout(request: httpx.Request) -> float | None:
-    timeout = request.extensions.get("timeout")
-    if isinstance(timeout, dict):
-        read = timeout.get("read")
-        return float(read) if isinstance(read, (int, float)) else None
-    return None
-
-
 def in_flight(group: Group[Any], key: Hashable) -> bool:
     """Is ``key`` in flight now? A hint (the answer may change at once); True if unknown."""
     return key in group
@@ -397,33 +389,3 @@ def on_asyncio() -> bool:
     except RuntimeError:  # trio (httpx runs on it through anyio)
         return False
     return True
-
-
-def waited_too_long(request: httpx.Request, budget: float) -> httpx.ReadTimeout:
-    return httpx.ReadTimeout(
-        f"waited {budget}s (this request's read timeout) for an identical request in flight",
-        request=request,
-    )
-
-
-class Rest(httpx.AsyncByteStream, httpx.SyncByteStream):
-    """The chunks read so far, then the rest of the upstream body, which closing closes."""
-
-    def __init__(self, head: list[bytes], rest: Any, upstream: httpx.Response) -> None:
-        self._head, self._rest, self._upstream = head, rest, upstream
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self._head:
-            yield chunk
-        async for chunk in self._rest:
-            yield chunk
-
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self._head
-        yield from self._rest
-
-    async def aclose(self) -> None:
-        await self._upstream.aclose()
-
-    def close(self) -> None:
-        self._upstream.close()
