@@ -32,6 +32,13 @@ __all__ = (
 )
 
 
+def _wrong_twin(this: str, client: str, twin: str) -> TypeError:
+    return TypeError(
+        f"{this} is for httpx.{'AsyncClient' if client == 'httpx.Client' else 'Client'}, "
+        f"but it was given to {client}: pass {client}(transport={twin}(...)) instead"
+    )
+
+
 class _Shared:
     """The read-only surface both transports share."""
 
@@ -118,6 +125,14 @@ class AsyncSingleflightTransport(_Shared, httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` once per key in flight; return this caller's own Response."""
         return await self._sender.send(request)
+
+    def __enter__(self) -> None:
+        """An async transport inside ``httpx.Client``: say which twin to use."""
+        raise _wrong_twin("AsyncSingleflightTransport", "httpx.Client", "SingleflightTransport")
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """An async transport inside ``httpx.Client``: say which twin to use."""
+        raise _wrong_twin("AsyncSingleflightTransport", "httpx.Client", "SingleflightTransport")
 
     async def aclose(self) -> None:
         """End the background refreshes (``stale_ttl``), then close the inner transport."""
@@ -212,6 +227,18 @@ class SingleflightTransport(_Shared, httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` once per key in flight; return this caller's own Response."""
         return self._sender.send(request)
+
+    async def __aenter__(self) -> None:
+        """A sync transport inside ``httpx.AsyncClient``: say which twin to use."""
+        raise _wrong_twin(
+            "SingleflightTransport", "httpx.AsyncClient", "AsyncSingleflightTransport"
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """A sync transport inside ``httpx.AsyncClient``: say which twin to use."""
+        raise _wrong_twin(
+            "SingleflightTransport", "httpx.AsyncClient", "AsyncSingleflightTransport"
+        )
 
     def close(self) -> None:
         """End the background refreshes (``stale_ttl``), then close the inner transport."""
