@@ -10,7 +10,7 @@ try:
     import httpx
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "singleflight.httpx needs httpx: pip install singleflight-http[httpx]"
+        'singleflight.httpx needs httpx: pip install "singleflight-http[httpx]"'
     ) from exc
 
 from singleflight._group import Group, Stats

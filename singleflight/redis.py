@@ -25,7 +25,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "singleflight.redis needs the redis package (redis-py >= 8.1): "
-        "pip install singleflight-http[redis]"
+        'pip install "singleflight-http[redis]"'
     ) from exc
 
 from ._redis._format import DefaultCodec

@@ -18,7 +18,7 @@ try:
     from aiohttp import web
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "singleflight.testing needs aiohttp: pip install singleflight-http[aiohttp]"
+        'singleflight.testing needs aiohttp: pip install "singleflight-http[aiohttp]"'
     ) from exc
 
 if TYPE_CHECKING:
