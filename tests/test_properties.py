@@ -69,6 +69,7 @@ from hypothesis.stateful import (
 
 from singleflight import Group
 from singleflight._oncemap import FORGOTTEN, _Waiter
+from singleflight._waiters import _offer_lead
 
 from .core_helpers import TIMEOUT, LoopThread, assert_idle
 
@@ -225,11 +226,45 @@ class World:
         self.group: Group[Any] = Group(cache)
         self.loop_errors: list[dict[str, Any]] = []
         self.loops = [LoopThread(), LoopThread()]
+        # Callbacks posted to a loop from another thread and not run yet (see _count_posts).
+        # n -> (the callback, [its handle, once post() returned])
+        self.posted: dict[int, tuple[Any, list[asyncio.Handle]]] = {}
+        self._posts = itertools.count()
         for lt in self.loops:
             lt.loop.set_exception_handler(lambda _loop, ctx: self.loop_errors.append(ctx))
+            self._count_posts(lt.loop)
         self.calls: list[Call] = []
         self.runs: list[Run] = []
         self._lock = threading.Lock()  # guards self.runs appends (runs start in many threads)
+
+    def _count_posts(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Track what other threads post to ``loop``: a hand-over to a follower of this loop
+        (``_offer_lead``) is on its way until it has run, and if that follower was cancelled
+        meanwhile, nothing else shows it (both callers have returned, the flight is empty and
+        still in the map until the callback passes the lead on or lands it)."""
+        post = loop.call_soon_threadsafe
+        posted = self.posted
+
+        def counted(callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+            n = next(self._posts)
+
+            def run() -> None:
+                try:
+                    callback(*args)
+                finally:
+                    posted.pop(n, None)  # after the callback: while it runs, it is pending
+
+            slot: list[asyncio.Handle] = []
+            posted[n] = (callback, slot)  # before posting: the loop may run it before post returns
+            try:
+                handle = post(run, context=context)
+            except BaseException:  # the loop is closed: nothing was posted
+                posted.pop(n, None)
+                raise
+            slot.append(handle)
+            return handle
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
 
     # -- the work --------------------------------------------------------------------------
 
@@ -353,6 +388,11 @@ class World:
         for c in self.calls:
             if not c.entered:
                 return f"{c} has not entered yet"
+        # A cancelled handle never runs: it is not pending.
+        pending = [cb for cb, h in list(self.posted.values()) if not h or not h[0].cancelled()]
+        if pending:
+            names = ", ".join(getattr(cb, "__qualname__", repr(cb)) for cb in pending)
+            return f"callbacks posted to a loop have not run yet: {names}"
         for r in self.runs:
             if r.how is not None and r.ended is None:
                 return f"{r} was opened ({r.how}) and has not ended"
@@ -1063,3 +1103,45 @@ async def test_in_flight_counts_a_forgotten_key_that_started_again_once() -> Non
         assert await asyncio.gather(first, second, follower) == [1, 1, 1]
     assert_idle(g)
     assert (alone, followed) == (1, 1), f"in_flight was {alone}, then {followed} for one key"
+
+
+def test_settle_waits_for_a_hand_over_on_its_way() -> None:
+    """Shrunk from the cached model under load (cancel_many of a leader and its one follower):
+    the cancelled leader elects the follower, whose own cancellation returns it before the
+    hand-over (``_offer_lead``) runs on its loop. Both callers have returned and the empty
+    flight is still in the map until that callback ends it; the model must not call that
+    quiescent (it did, and then found a flight it did not expect)."""
+    world = World(None)
+    unblock = threading.Event()
+    try:
+        leader = world.new_call("b", "loop1", "do", False)
+        world.launch(leader)
+        world.settle()
+        follower = world.new_call("b", "loop0", "role", False)
+        world.launch(follower)
+        world.settle()
+        loop0 = world.loops[0].loop
+        post = loop0.call_soon_threadsafe
+
+        def late_post(callback: Any, *args: Any, **kwargs: Any) -> asyncio.Handle:
+            # On loop1's thread, between the election and its post (the window load opens):
+            # the elected follower is cancelled and returns; then loop0 is held busy.
+            if callback is _offer_lead:
+                world.cancel(follower)
+                world.wait(lambda: follower.done, f"{follower} to return")
+                post(unblock.wait, TIMEOUT)
+            return post(callback, *args, **kwargs)
+
+        loop0.call_soon_threadsafe = late_post  # type: ignore[method-assign]
+        world.cancel(leader)
+        world.wait(lambda: leader.done, f"{leader} to return")
+        assert type(leader.exc) is type(follower.exc) is asyncio.CancelledError
+        assert world.group._map._flights == {"b": []}, world.dump()  # the hand-over's flight
+        why = world.unquiet()
+        assert why is not None and "_offer_lead" in why, why
+        unblock.set()
+        world.settle()
+        assert_idle(world.group)
+    finally:
+        unblock.set()
+        world.close()
