@@ -221,6 +221,7 @@ class Group(Flights[V]):
             else:
                 self._map._land_locked(key, flight, VALUE, value, removed=False)
             return value
+        del flight  # a follower's wait keeps its frame alive: not this empty list too
         loop = _get_running_loop()
         if loop is None or self._map._next:
             return (await self._run(key, fn, args, kwargs, head, None))[0]
@@ -288,6 +289,7 @@ class Group(Flights[V]):
             else:
                 self._map._land_locked(key, flight, VALUE, value, removed=False)
             return value
+        del flight  # a follower's wait keeps this frame alive: not this empty list too
         return await self._follow(key, fn, args, kwargs, head)
 
     async def _follow(
