@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from asyncio.events import _get_running_loop
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
+from sys import _getframe
 from typing import Any, TypeVar, cast
 
 from ._cache import CacheFront
@@ -25,7 +26,7 @@ from ._options import (
     check_timeout,
     check_ttl_options,
 )
-from ._reentrancy import is_reentrant, reentrancy_error, runs_flight
+from ._reentrancy import _CO_ASYNC, SYNC_LEADERS, is_reentrant, reentrancy_error, runs_flight
 from ._stale import StaleFront, TtlOf
 from ._sync import run_sync
 from ._types import Codec, Role, Stats, Tier, Unshared
@@ -232,7 +233,10 @@ class Group(Flights[V]):
         if flights.get(key) is not head:
             fut.cancel()  # the flight landed before it could see us: start over
             return (await self._run(key, fn, args, kwargs, None, None))[0]
-        if is_reentrant(head):
+        # The walk (is_reentrant) only when it could find something: our caller is a coroutine
+        # (the work of a flight may be up the chain) or a sync leader runs somewhere. A task
+        # that runs do() itself has the loop's own (sync) frame below: nothing to walk.
+        if (_getframe(1).f_code.co_flags & _CO_ASYNC or SYNC_LEADERS[0]) and is_reentrant(head):
             fut.cancel()
             raise reentrancy_error(key)
         self._followers += 1
@@ -269,7 +273,10 @@ class Group(Flights[V]):
         if self._flights.get(key) is not head:
             fut.cancel()  # the flight landed before it could see us: start over
             return (await self._run(key, fn, args, kwargs, None, None))[0]
-        if is_reentrant(head, depth=3):  # skip this frame and its caller's
+        if (_getframe(2).f_code.co_flags & _CO_ASYNC or SYNC_LEADERS[0]) and is_reentrant(
+            head,
+            depth=3,  # skip this frame and its caller's (as in do: walk only if it can find)
+        ):
             fut.cancel()
             raise reentrancy_error(key)
         self._followers += 1
