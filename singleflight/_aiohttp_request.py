@@ -80,16 +80,18 @@ def settings(req: ClientRequest) -> Settings:
         if frame is None:
             break
         if frame.f_code is _SESSION_REQUEST:
-            local = frame.f_locals
-            read = getattr(local.get("real_timeout"), "sock_read", None)
-            session = req.session
-            bufsize = local.get("read_bufsize")
+            get = frame.f_locals.get  # f_locals copies every local: read it once
+            read = getattr(get("real_timeout"), "sock_read", None)
+            bufsize = get("read_bufsize")
+            decompress = get("auto_decompress")
             return Settings(
                 float(read) if isinstance(read, (int, float)) and read > 0 else None,
-                bool(local.get("auto_decompress", session.auto_decompress)),
-                bool(local.get("read_until_eof", True)),
-                bufsize if isinstance(bufsize, int) else getattr(session, "_read_bufsize", 2**16),
-                tuple(local.get(n) for n in _LIMIT_NAMES),
+                bool(req.session.auto_decompress if decompress is None else decompress),
+                bool(get("read_until_eof", True)),
+                bufsize
+                if isinstance(bufsize, int)
+                else getattr(req.session, "_read_bufsize", 2**16),
+                (get("max_line_size"), get("max_field_size"), get("max_headers")),  # _LIMIT_NAMES
             )
         frame = frame.f_back
     return _session_settings(req.session)

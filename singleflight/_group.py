@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from asyncio.events import _get_running_loop
 from collections.abc import Awaitable, Callable, Hashable, MutableMapping
+from sys import _getframe
 from typing import Any, TypeVar, cast
 
 from ._cache import CacheFront
@@ -25,7 +26,7 @@ from ._options import (
     check_timeout,
     check_ttl_options,
 )
-from ._reentrancy import is_reentrant, reentrancy_error, runs_flight
+from ._reentrancy import _CO_ASYNC, SYNC_LEADERS, is_reentrant, reentrancy_error, runs_flight
 from ._stale import StaleFront, TtlOf
 from ._sync import run_sync
 from ._types import Codec, Role, Stats, Tier, Unshared
@@ -209,7 +210,7 @@ class Group(Flights[V]):
             head = flights.setdefault(key, flight)
         except TypeError as exc:
             raise hash_error(key, exc) from None
-        if head is flight:  # we lead: a copy of this branch is in _do_args
+        if head is flight:  # we lead: a copy of this branch is in _decorator
             self._leaders += 1
             try:
                 value = await (fn(*args, **kwargs) if kwargs else fn(*args) if args else fn())
@@ -230,6 +231,7 @@ class Group(Flights[V]):
             else:
                 self._map._land_locked(key, flight, VALUE, value, removed=False)
             return value
+        del flight  # a follower's wait keeps its frame alive: not this empty list too
         loop = _get_running_loop()
         if loop is None or self._map._next:
             return (await self._run(key, fn, args, kwargs, head, None))[0]
@@ -240,7 +242,10 @@ class Group(Flights[V]):
         if flights.get(key) is not head:
             fut.cancel()  # the flight landed before it could see us: start over
             return (await self._run(key, fn, args, kwargs, None, None))[0]
-        if is_reentrant(head):
+        # The walk (is_reentrant) only when it could find something: our caller is a coroutine
+        # (the work of a flight may be up the chain) or a sync leader runs somewhere. A task
+        # that runs do() itself has the loop's own (sync) frame below: nothing to walk.
+        if (_getframe(1).f_code.co_flags & _CO_ASYNC or SYNC_LEADERS[0]) and is_reentrant(head):
             fut.cancel()
             raise reentrancy_error(key)
         self._followers += 1
@@ -257,48 +262,6 @@ class Group(Flights[V]):
             return await self._alone(fn, args, kwargs)
         return value
 
-    @runs_flight
-    async def _do_args(
-        self,
-        key: Hashable,
-        fn: Callable[..., Awaitable[V]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> V:
-        """``do`` for a caller that holds the arguments as a tuple and a dict already (the
-        decorator): the same fast path, without packing them once more. Keep the leader's
-        branch in step with ``do``'s (the decorator's tests run through this one)."""
-        if not self._plain:
-            return (await self._run(key, fn, args, kwargs, None, None))[0]
-        flights = self._flights
-        flight: list[Any] = []
-        try:
-            head = flights.setdefault(key, flight)
-        except TypeError as exc:
-            raise hash_error(key, exc) from None
-        if head is flight:
-            self._leaders += 1
-            try:
-                value = await (fn(*args, **kwargs) if kwargs else fn(*args) if args else fn())
-            except BaseException as exc:
-                told = misused_do(exc, fn)
-                self._land_failed(key, flight, told)
-                if told is not exc:
-                    raise told from None
-                raise
-            if type(value) is Unshared:
-                self._map.land(key, flight, SIGNAL, ALONE)
-                return cast(V, value.value)  # type: ignore[attr-defined]
-            if not flight:
-                del flights[key]  # remove first, then look again (see _oncemap)
-                if not flight:
-                    return value
-                self._map._land_locked(key, flight, VALUE, value, removed=True)
-            else:
-                self._map._land_locked(key, flight, VALUE, value, removed=False)
-            return value
-        return await self._follow(key, fn, args, kwargs, head)
-
     async def _follow(
         self,
         key: Hashable,
@@ -307,7 +270,8 @@ class Group(Flights[V]):
         kwargs: dict[str, Any],
         head: Flight,
     ) -> V:
-        """``_do_args``' follower: a copy of ``do``'s follower branch (``head`` owns ``key``)."""
+        """The decorator's follower (``_decorator._async_caller``): a copy of ``do``'s follower
+        branch (``head`` owns ``key``)."""
         loop = _get_running_loop()
         if loop is None or self._map._next:
             return (await self._run(key, fn, args, kwargs, head, None))[0]
@@ -318,7 +282,10 @@ class Group(Flights[V]):
         if self._flights.get(key) is not head:
             fut.cancel()  # the flight landed before it could see us: start over
             return (await self._run(key, fn, args, kwargs, None, None))[0]
-        if is_reentrant(head, depth=3):  # skip this frame and do's (or _do_args')
+        if (_getframe(2).f_code.co_flags & _CO_ASYNC or SYNC_LEADERS[0]) and is_reentrant(
+            head,
+            depth=3,  # skip this frame and its caller's (as in do: walk only if it can find)
+        ):
             fut.cancel()
             raise reentrancy_error(key)
         self._followers += 1
@@ -376,4 +343,4 @@ class Group(Flights[V]):
         return run_sync(self, key, fn, args, kwargs, timeout)
 
 
-AWAITS.update({Group.do.__code__, Group._do_args.__code__})  # where our own await meets fn's value
+AWAITS.add(Group.do.__code__)  # where our own await meets fn's value

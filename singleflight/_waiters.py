@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from asyncio import InvalidStateError
 from asyncio.events import _get_running_loop
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
@@ -148,11 +149,14 @@ def wake(waiters: list[Any], kind: int, payload: Any) -> None:
         for w in waiters:
             _wake_one(w, kind, payload, here)
         return
+    future = _Future
     for w in waiters:
         # The common case inline: a future of the leader's own loop.
-        if type(w) is _Future and w._loop is here:
-            if not w.done():
+        if type(w) is future and w._loop is here:
+            try:
                 w.set_result(payload)
+            except InvalidStateError:  # the waiter was cancelled: its own business
+                pass
         else:
             _wake_one(w, kind, payload, here)
 

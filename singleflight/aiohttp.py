@@ -200,7 +200,7 @@ class SingleflightMiddleware:
     async def __call__(self, req: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
         """Serve ``req``: lead its flight, follow one, hit the cache, or pass straight through."""
         how = settings(req)
-        key, reason = self._key_or_reason(req, how)
+        key, reason = request_key(self._options, req, how)  # _key_or_reason, one call less
         if key is None:
             return await self._bypass(reason, req, handler)
         live = self._live.get(key)

@@ -396,3 +396,32 @@ def test_method_wrapper_keeps_name_and_doc() -> None:
     assert Repo.fetch.__name__ == "fetch"
     assert Repo("x").fetch.__name__ == "fetch"
     assert Repo.fetch.__wrapped__.__qualname__ == "Repo.fetch"
+
+
+async def test_a_decorated_function_awaiting_itself_raises_reentrancy_error() -> None:
+    """The decorator's own flight coroutine leads (it is a flight frame): a call of the same
+    arguments from inside its work fails at once, directly or through a helper coroutine;
+    other arguments work, and a task of its own (not on the stack) simply follows."""
+    from singleflight import ReentrancyError
+
+    async def helper(n: int) -> int:
+        return await fetch(n)
+
+    @singleflight(key=lambda n, via="": n)
+    async def fetch(n: int, via: str = "") -> int:
+        if via == "self":
+            return await fetch(n)
+        if via == "helper":
+            return await helper(n)
+        if via == "other":
+            return await fetch(n + 1)
+        return n
+
+    for via in ("self", "helper"):
+        with pytest.raises(ReentrancyError, match="own key"):
+            async with asyncio.timeout(TIMEOUT):
+                await fetch(1, via=via)  # key 1 leads, and its work awaits key 1
+        assert_idle(fetch.group)
+    async with asyncio.timeout(TIMEOUT):
+        assert await fetch(5, via="other") == 6
+    assert_idle(fetch.group)

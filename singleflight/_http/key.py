@@ -54,6 +54,28 @@ CREDENTIAL_HEADERS: Final = frozenset({"authorization", "proxy-authorization", "
 
 _first: Final = itemgetter(0)
 
+# Header names whose values are never credentials: a request whose kept headers are all among
+# them (and whose URL has no userinfo) has its digest memoised per header list, since clients
+# send the same few default headers on every request. The memo holds those values in clear
+# (user agents, media types), never a header outside this list: an unknown header may be a
+# credential (X-API-Key), so any other kept header, or userinfo, skips the memo.
+_HARMLESS: Final = frozenset(
+    {
+        b"accept",
+        b"accept-encoding",
+        b"accept-language",
+        b"user-agent",
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"content-type",
+        b"cache-control",
+        b"pragma",
+    }
+)
+_DIGEST_LIMIT: Final = 1024  # header lists memoised per filter (bounded: values vary)
+
 _DEFAULT_PORTS: Final = {"http": "80", "https": "443", "ws": "80", "wss": "443"}
 
 
@@ -65,7 +87,7 @@ class HeaderFilter:
     raw name: headers come from a small vocabulary, and the key is computed on every request.
     """
 
-    __slots__ = ("_exact", "_memo", "_prefixes", "names")
+    __slots__ = ("_digests", "_exact", "_memo", "_prefixes", "names")
 
     def __init__(self, names: Iterable[str]) -> None:
         self.names: frozenset[str] = frozenset(n.lower() for n in names)
@@ -73,6 +95,8 @@ class HeaderFilter:
         self._prefixes = tuple(n[:-1] for n in self.names if n.endswith("*"))
         # raw name -> lower-cased name as bytes, or b"" if ignored; benign races (see _LOWER)
         self._memo: dict[str | bytes, bytes] = {}
+        # harmless kept headers (see _HARMLESS) -> their digest; benign races, as _memo
+        self._digests: dict[tuple[tuple[bytes, bytes], ...], str] = {}
 
     def kept_name(self, name: str | bytes) -> bytes:
         """kept_name returns the lower-cased name as bytes, or ``b""`` if it is ignored."""
@@ -167,16 +191,40 @@ def key_from_parts(
     """
     if not isinstance(ignore, HeaderFilter):
         ignore = HeaderFilter(ignore)
-    kept_name = ignore.kept_name
+    memo = ignore._memo
     kept: list[tuple[bytes, bytes]] = []
-    for name, value in headers:
-        low = kept_name(name)
+    plain = not userinfo  # every kept name harmless so far (see _HARMLESS): memoise the digest
+    for name, value in headers:  # one pass; the filter's memo read inline (a call per header)
+        low = memo.get(name)
+        if low is None:
+            low = ignore.kept_name(name)
         if low:
-            kept.append((low, value if type(value) is bytes else _bytes(value)))
+            if isinstance(value, str):
+                try:
+                    value = value.encode("latin-1")
+                except UnicodeEncodeError:  # aiohttp sends such header values as UTF-8
+                    value = _bytes(value)
+            kept.append((low, value))
+            if plain and low not in _HARMLESS:
+                plain = False
+    if plain:
+        pairs = tuple(kept)
+        digests = ignore._digests
+        hexed = digests.get(pairs)
+        if hexed is None:
+            hexed = _digest(kept, userinfo)
+            if len(digests) < _DIGEST_LIMIT:
+                digests[pairs] = hexed
+    else:
+        hexed = _digest(kept, userinfo)
+    return RequestKey(method.upper(), normal_url, hexed, extra)
+
+
+def _digest(kept: list[tuple[bytes, bytes]], userinfo: str) -> str:
     # Sort on the name only: values of a repeated header keep their order (stable sort).
     kept.sort(key=_first)
     digest = hashlib.blake2b(digest_size=16)
     if userinfo:  # ended by a newline, which no header line can begin with: no run-together
         digest.update(userinfo.encode("utf-8", "surrogateescape") + b"\n")
     digest.update(b"\n".join([n + b":" + v for n, v in kept]))
-    return RequestKey(method.upper(), normal_url, digest.hexdigest(), extra)
+    return digest.hexdigest()
