@@ -50,7 +50,7 @@ from singleflight._http.options import http_group as http_group  # public: group
 from singleflight._http.stale import RefreshError, refreshing, settle_refresh
 from singleflight._observe import note_call
 
-__all__ = ("SingleflightMiddleware", "served")
+__all__ = ("SingleflightMiddleware", "http_group", "served")
 
 # How each response this middleware returned was served. Weak keys: the entry dies with the
 # response, and nothing is added to aiohttp's objects or to the response headers.
@@ -101,8 +101,8 @@ class SingleflightMiddleware:
         key: ``key(request) -> hashable`` replaces the default key (None: pass through).
         ignore_headers: request headers left out of the key (default: tracing headers).
         max_body_size: larger bodies are streamed to their leader, never buffered to share.
-        group: a ``singleflight.Group`` to share flights with other adapters or sessions; give it
-            ``reelect_on=(asyncio.TimeoutError,)`` so a leader's socket timeout re-elects too.
+        group: a Group to share flights with other adapters or sessions: another adapter's
+            ``.group``, or one built with ``http_group(ttl=..., tier=...)``.
         tier: a shared tier (``singleflight.redis.RedisTier``) for one flight across processes.
     """
 
