@@ -39,6 +39,9 @@ class _Entry:
         self.stale_until = stale_until
 
 
+_JOIN_BOUND: Final = 1.0  # seconds close() waits, in all, for its idle refresh threads to end
+
+
 class _RefreshThreads:
     """At most ``n`` daemon threads named ``singleflight-refresh-<i>``, fed by one queue.
 
@@ -83,6 +86,14 @@ class _RefreshThreads:
                 break
         for _ in self._threads:
             self._jobs.put(None)
+        # An idle thread takes its None and ends at once: wait for those, bounded, so a closed
+        # transport leaves no thread behind. One running a refresh ends after it (its request's
+        # own timeouts bound that); it is a daemon thread, so it never holds the process.
+        deadline = time.monotonic() + _JOIN_BOUND
+        me = threading.current_thread()
+        for thread in self._threads:
+            if thread is not me:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class StaleFront(MutableMapping[Any, Any]):

@@ -139,7 +139,7 @@ def test_import_error_names_the_extra() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
     )
-    assert "pip install singleflight-http[redis]" in out.stdout
+    assert 'pip install "singleflight-http[redis]"' in out.stdout  # quoted: shells glob []
 
 
 # -- value format, codec, keys --------------------------------------------------------------
