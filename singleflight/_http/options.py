@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 if TYPE_CHECKING:
     from singleflight._group import Group
 
-from singleflight._options import check_ttl
+from singleflight._options import check_ttl, fail_type  # one rule, one message
 
 from .headers import HeaderPairs
 from .key import (
@@ -35,13 +35,9 @@ _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token (me
 _KeyFn = Callable[[Any], "Hashable | None"]
 
 
-def _fail_type(name: str, expected: str, value: object, fix: str) -> TypeError:
-    return TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__}); {fix}")
-
-
 def _check_methods(methods: object) -> frozenset[str]:
     if isinstance(methods, (str, bytes)) or not isinstance(methods, Iterable):
-        raise _fail_type(
+        raise fail_type(
             "methods", "a collection of method names", methods, 'pass e.g. methods=("GET", "HEAD")'
         )
     out = set()
@@ -55,14 +51,9 @@ def _check_methods(methods: object) -> frozenset[str]:
     return frozenset(out)
 
 
-def _check_ttl(ttl: object) -> float | None:
-    """The decorator's rule and message, word for word (one rule for every entry point)."""
-    return check_ttl(ttl)
-
-
 def _check_tier(tier: object) -> None:
     if tier is not None and not callable(getattr(tier, "run", None)):
-        raise _fail_type(
+        raise fail_type(
             "tier",
             "a shared tier such as singleflight.redis.RedisTier (an object with async run())",
             tier,
@@ -93,7 +84,7 @@ def _client_timeouts() -> tuple[type[BaseException], ...]:
 
 def _check_maxsize(maxsize: object) -> int:
     if isinstance(maxsize, bool) or not isinstance(maxsize, int):
-        raise _fail_type("maxsize", "an int", maxsize, "pass e.g. maxsize=1024")
+        raise fail_type("maxsize", "an int", maxsize, "pass e.g. maxsize=1024")
     if maxsize < 1:
         raise ValueError(f"maxsize must be >= 1, got {maxsize}; pass ttl=None to disable caching")
     return maxsize
@@ -103,7 +94,7 @@ def _check_ignore_headers(ignore_headers: object) -> HeaderFilter:
     if isinstance(ignore_headers, HeaderFilter):
         return ignore_headers
     if isinstance(ignore_headers, (str, bytes)) or not isinstance(ignore_headers, Iterable):
-        raise _fail_type(
+        raise fail_type(
             "ignore_headers",
             "a collection of header names",
             ignore_headers,
@@ -128,7 +119,7 @@ def _check_ignore_headers(ignore_headers: object) -> HeaderFilter:
 
 def _check_max_body_size(max_body_size: object) -> int:
     if isinstance(max_body_size, bool) or not isinstance(max_body_size, int):
-        raise _fail_type(
+        raise fail_type(
             "max_body_size", "an int number of bytes", max_body_size, "pass e.g. 16 * 1024 * 1024"
         )
     if max_body_size < 0:
@@ -173,7 +164,7 @@ class HTTPOptions:
         """build validates every option and returns the options object."""
         ttl, stale = check_stale(ttl, stale_ttl, max_ttl, cache)
         if cache is not None and not isinstance(cache, MutableMapping):
-            raise _fail_type(
+            raise fail_type(
                 "cache", "a MutableMapping or None", cache, "pass e.g. cachetools.TTLCache(1024, 5)"
             )
         if cache is not None and ttl is not None:
@@ -182,7 +173,7 @@ class HTTPOptions:
                 "the cache decides its own expiry"
             )
         if key is not None and not callable(key):
-            raise _fail_type(
+            raise fail_type(
                 "key",
                 "a callable request -> hashable (or None to bypass)",
                 key,
@@ -190,7 +181,7 @@ class HTTPOptions:
             )
         return cls(
             methods=_check_methods(methods),
-            ttl=_check_ttl(ttl),
+            ttl=check_ttl(ttl),
             maxsize=_check_maxsize(maxsize),
             cache=cache,
             key=key,
@@ -233,7 +224,7 @@ class HTTPOptions:
         _check_tier(tier)
         if group is not None:
             if not isinstance(group, Group):
-                raise _fail_type(
+                raise fail_type(
                     "group",
                     "a singleflight.Group",
                     group,
